@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Runs every test of codir.h: the unit tests (optimized, then under AddressSanitizer and
+# UndefinedBehaviorSanitizer, then without OpenMP), the header build checks and a short
+# run of the main example. Prints "N passed, N failed" last and exits non-zero on any
+# failure. Needs only a C compiler (cc, or $CC) and a C++ compiler (c++, or $CXX).
+#
+# Usage: bash tests/run.sh            from the repository root or anywhere else
+set -u
+cd "$(dirname "$0")/.."
+CC=${CC:-cc}
+CXX=${CXX:-c++}
+build=$(mktemp -d)
+trap 'rm -rf "$build"' EXIT
+passed=0
+failed=0
+
+# Records one check: its name, then the command that must succeed.
+check() {
+    local name=$1
+    shift
+    if "$@" >"$build/out.txt" 2>&1; then
+        passed=$((passed + 1))
+        echo "ok   $name"
+    else
+        failed=$((failed + 1))
+        echo "FAIL $name"
+        tail -n 30 "$build/out.txt" | sed 's/^/     /'
+    fi
+}
+
+# Runs a unit-test binary, adding its "N passed, N failed" line to the totals.
+run_suite() {
+    local name=$1
+    shift
+    local line p f
+    echo "== $name"
+    "$@" 2>&1 | tee "$build/suite.txt" | grep -E '^(FAIL|failed:)' | head -n 60
+    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$build/suite.txt" | tail -n 1)
+    if [ -z "$line" ]; then
+        echo "FAIL $name: the test binary crashed or printed no summary"
+        tail -n 20 "$build/suite.txt" | sed 's/^/     /'
+        failed=$((failed + 1))
+        return
+    fi
+    p=${line%% passed*}
+    f=${line#*, }
+    f=${f%% failed*}
+    echo "     $line"
+    passed=$((passed + p))
+    failed=$((failed + f))
+}
+
+warn="-std=c11 -Wall -Wextra -Wpedantic -Wshadow -Werror"
+srcs="tests/main.c tests/test_*.c"
+
+echo "== header builds"
+check "C11 strict warnings" $CC $warn -O2 -fopenmp -c tests/main.c -o "$build/main.o"
+check "C++ build" $CXX -x c++ -std=c++17 -Wall -Wextra -Werror -fopenmp -c tests/main.c -o "$build/main_cpp.o"
+printf '#include "../codir.h"\nint other_unit(void) { return codir_last_error()[0]; }\n' >"$build/two.c"
+cp "$build/two.c" tests/.two_tu_tmp.c
+check "two translation units link" sh -c "$CC $warn -O1 -c tests/.two_tu_tmp.c -o $build/two.o &&
+    $CC $warn -O1 -fopenmp -c examples/distill.c -o $build/one.o && $CC $build/one.o $build/two.o -o $build/linked -fopenmp -lm"
+rm -f tests/.two_tu_tmp.c
+printf '#define CODIR_STATIC\n#define CODIR_IMPLEMENTATION\n#include "../codir.h"\nint main(void) { codir_config c = codir_config_default(); return codir_config_check(&c); }\n' >tests/.static_tmp.c
+check "CODIR_STATIC exports nothing" sh -c "$CC -std=c11 -Wall -Wextra -Wpedantic -Wno-unused-function -Werror -O1 -c tests/.static_tmp.c -o $build/static.o &&
+    ! nm $build/static.o | grep -E ' [TDB] codir_'"
+rm -f tests/.static_tmp.c
+printf '#define CODIR_MALLOC(n) malloc(n)\n#define CODIR_IMPLEMENTATION\n#include "../codir.h"\n' >tests/.alloc_tmp.c
+check "partial allocator override is an error naming the missing macros" sh -c "! $CC -std=c11 -c tests/.alloc_tmp.c -o $build/alloc.o 2>$build/alloc.err &&
+    grep -q 'CODIR_REALLOC is missing' $build/alloc.err && grep -q 'CODIR_FREE is missing' $build/alloc.err"
+rm -f tests/.alloc_tmp.c
+check "allocator override counts no leak" sh -c "$CC -std=c11 -O1 -fopenmp tests/alloc_count.c -o $build/alloc_count -lm && $build/alloc_count"
+
+echo "== unit tests (-O2 -fopenmp)"
+if $CC -std=c11 -O2 -fopenmp $srcs -o "$build/tests" -lm 2>"$build/cc.txt"; then
+    run_suite "unit tests" env OMP_NUM_THREADS=2 "$build/tests"
+else
+    failed=$((failed + 1)); echo "FAIL unit tests do not compile"; head -n 30 "$build/cc.txt"
+fi
+
+echo "== unit tests (-fsanitize=address,undefined)"
+if $CC -std=c11 -O1 -g -fopenmp -fsanitize=address,undefined -fno-sanitize-recover=undefined $srcs \
+    -o "$build/tests_asan" -lm 2>"$build/cc.txt"; then
+    run_suite "sanitized unit tests" env OMP_NUM_THREADS=2 ASAN_OPTIONS=detect_leaks=1 "$build/tests_asan"
+else
+    failed=$((failed + 1)); echo "FAIL sanitized unit tests do not compile"; head -n 30 "$build/cc.txt"
+fi
+
+echo "== unit tests (no OpenMP, scalar GEMM)"
+if $CC -std=c11 -O2 -DCODIR_NO_SIMD -Wno-unknown-pragmas $srcs -o "$build/tests_serial" -lm 2>"$build/cc.txt"; then
+    run_suite "serial unit tests" "$build/tests_serial"
+else
+    failed=$((failed + 1)); echo "FAIL serial unit tests do not compile"; head -n 30 "$build/cc.txt"
+fi
+
+echo "== main example"
+check "distill --help" sh -c "$CC -std=c11 -O2 -fopenmp examples/distill.c -o $build/distill -lm && $build/distill --help | grep -q -- --lambda"
+check "distill rejects a bad option" sh -c "! $build/distill --heads 3 --hidden 32 2>$build/err.txt && grep -q 'does not divide' $build/err.txt"
+check "distill rejects a missing data folder" sh -c "! $build/distill --data /nonexistent 2>$build/err.txt && grep -q '/nonexistent/train.tsv' $build/err.txt"
+check "distill end to end, tiny" sh -c "$build/distill --teacher-layers 2 --hidden 32 --heads 2 --ffn 64 --vocab-size 600 \
+    --teacher-epochs 1 --student-epochs 1 --negatives 16 --proj-dim 16 >$build/distill.txt &&
+    grep -c '^result model=' $build/distill.txt | grep -qx 3"
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]

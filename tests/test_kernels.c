@@ -1,0 +1,2330 @@
+/* Tests of the kernels (codir.h section 3) and of the autograd ops (section 5).
+
+   Every forward kernel is compared with a float64 implementation written in this file,
+   never with numbers produced by codir.h. Every backward kernel is compared with
+   central finite differences of L(x) = sum(dy * f(x)) in float64, where f is that
+   float64 forward and dy a random upstream gradient (a uniform one hides softmax
+   bugs). Gradient buffers start from random values, and the expected result is that
+   value plus the gradient, so each backward check also proves that the kernel adds
+   (+=) instead of overwriting. */
+#include "check.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Step of the central differences. The references are float64, so the truncation
+   error (about h^2) and the rounding error (about 1e-16 |L| / h) stay near 1e-10 |L|. */
+#define FD_STEP 1e-6
+
+/* Tolerances of a float32 kernel against a float64 reference. */
+#define FWD_ATOL 1e-5
+#define FWD_RTOL 1e-4
+#define GRAD_ATOL 1e-4
+#define GRAD_RTOL 1e-3
+
+/* ---- buffers, freed together at the end of each test ---- */
+
+#define MAX_BUFFERS 1024
+static void *buffers[MAX_BUFFERS];
+static int num_buffers;
+
+static void *alloc_zeroed(size_t count, size_t size)
+{
+    void *p;
+    if (num_buffers == MAX_BUFFERS) {
+        fprintf(stderr, "test_kernels.c: a test allocated more than %d buffers; raise MAX_BUFFERS\n", MAX_BUFFERS);
+        exit(2);
+    }
+    p = calloc(count ? count : 1, size);
+    if (!p) {
+        fprintf(stderr, "test_kernels.c: out of memory allocating %zu x %zu bytes\n", count, size);
+        exit(2);
+    }
+    buffers[num_buffers++] = p;
+    return p;
+}
+
+static float *new_floats(size_t n) { return (float *)alloc_zeroed(n, sizeof(float)); }
+static double *new_doubles(size_t n) { return (double *)alloc_zeroed(n, sizeof(double)); }
+static int *new_ints(size_t n) { return (int *)alloc_zeroed(n, sizeof(int)); }
+
+static void free_buffers(void)
+{
+    while (num_buffers > 0) free(buffers[--num_buffers]);
+}
+
+/* ---- data ---- */
+
+static float *random_floats(size_t n, unsigned long long *rng, double lo, double hi)
+{
+    float *x = new_floats(n);
+    size_t i;
+    for (i = 0; i < n; i++) x[i] = (float)check_uniform(rng, lo, hi);
+    return x;
+}
+
+static float *copy_floats(const float *x, size_t n)
+{
+    float *y = new_floats(n);
+    memcpy(y, x, n * sizeof(float));
+    return y;
+}
+
+/* Returns the float64 values of x[n]; the test's float64 references read these. */
+static double *widen(const float *x, size_t n)
+{
+    double *y = new_doubles(n);
+    size_t i;
+    for (i = 0; i < n; i++) y[i] = (double)x[i];
+    return y;
+}
+
+/* Scales each row of x[N, C] to unit L2 norm. */
+static void normalize_rows(float *x, int N, int C)
+{
+    int i, c;
+    for (i = 0; i < N; i++) {
+        double ss = 0.0;
+        for (c = 0; c < C; c++) ss += (double)x[(size_t)i * C + c] * x[(size_t)i * C + c];
+        for (c = 0; c < C; c++) x[(size_t)i * C + c] = (float)(x[(size_t)i * C + c] / sqrt(ss));
+    }
+}
+
+static double dot(const double *a, const double *b, size_t n)
+{
+    double s = 0.0;
+    size_t i;
+    for (i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* Formats a check label into a static buffer that the next call overwrites. */
+static const char *label(const char *fmt, ...)
+{
+    static char text[200];
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(text, sizeof text, fmt, args);
+    va_end(args);
+    return text;
+}
+
+static int all_finite(const float *x, size_t n)
+{
+    size_t i;
+    for (i = 0; i < n; i++)
+        if (!isfinite(x[i])) return 0;
+    return 1;
+}
+
+/* ---- finite differences ---- */
+
+/* A float64 scalar loss of the arrays that `c` points to. */
+typedef double (*loss_fn)(const void *c);
+
+/* Stores (L(x + h e_i) - L(x - h e_i)) / 2h in grad[i] for i < n. x is one of the
+   arrays the loss reads; it is perturbed in place and restored. */
+static void central_diff(loss_fn loss, const void *c, double *x, size_t n, double *grad)
+{
+    size_t i;
+    for (i = 0; i < n; i++) {
+        double saved = x[i], plus, minus;
+        x[i] = saved + FD_STEP;
+        plus = loss(c);
+        x[i] = saved - FD_STEP;
+        minus = loss(c);
+        x[i] = saved;
+        grad[i] = (plus - minus) / (2.0 * FD_STEP);
+    }
+}
+
+/* Checks a backward kernel's output got[n] against before[n] (the buffer's content
+   before the call) plus the numeric gradient. */
+static void check_grad(const char *what, const float *got, const float *before, const double *numeric, size_t n)
+{
+    double *want = new_doubles(n);
+    size_t i;
+    for (i = 0; i < n; i++) want[i] = (double)before[i] + numeric[i];
+    check_close(what, got, want, n, GRAD_ATOL, GRAD_RTOL);
+}
+
+/* Runs central_diff on x and checks got against before + the result. */
+static void check_fd(const char *what, loss_fn loss, const void *c, double *x, size_t n, const float *got,
+                     const float *before)
+{
+    double *numeric = new_doubles(n);
+    central_diff(loss, c, x, n, numeric);
+    check_grad(what, got, before, numeric, n);
+}
+
+/* ===================================================================================
+   float64 references
+   =================================================================================== */
+
+/* out[N,OC] = x[N,C] w[OC,C]^T + b[OC]; b may be NULL. */
+static void ref_linear(double *out, const double *x, const double *w, const double *b, int N, int C, int OC)
+{
+    int i, o, c;
+    for (i = 0; i < N; i++)
+        for (o = 0; o < OC; o++) {
+            double s = b ? b[o] : 0.0;
+            for (c = 0; c < C; c++) s += x[(size_t)i * C + c] * w[(size_t)o * C + c];
+            out[(size_t)i * OC + o] = s;
+        }
+}
+
+/* LayerNorm with the biased variance; mean and rstd may be NULL. */
+static void ref_layernorm(double *out, double *mean, double *rstd, const double *x, const double *gamma,
+                          const double *beta, int N, int C, double eps)
+{
+    int i, c;
+    for (i = 0; i < N; i++) {
+        const double *row = x + (size_t)i * C;
+        double m = 0.0, v = 0.0, r;
+        for (c = 0; c < C; c++) m += row[c];
+        m /= C;
+        for (c = 0; c < C; c++) v += (row[c] - m) * (row[c] - m);
+        v /= C;
+        r = 1.0 / sqrt(v + eps);
+        for (c = 0; c < C; c++) out[(size_t)i * C + c] = (row[c] - m) * r * gamma[c] + beta[c];
+        if (mean) mean[i] = m;
+        if (rstd) rstd[i] = r;
+    }
+}
+
+static double ref_gelu(double x) { return 0.5 * x * (1.0 + erf(x / sqrt(2.0))); }
+
+static void ref_softmax(double *out, const double *x, int N, int V)
+{
+    int i, v;
+    for (i = 0; i < N; i++) {
+        const double *row = x + (size_t)i * V;
+        double mx = row[0], sum = 0.0;
+        for (v = 1; v < V; v++) mx = row[v] > mx ? row[v] : mx;
+        for (v = 0; v < V; v++) sum += exp(row[v] - mx);
+        for (v = 0; v < V; v++) out[(size_t)i * V + v] = exp(row[v] - mx) / sum;
+    }
+}
+
+/* Returns log(sum_v exp(x[v])) without overflow. */
+static double ref_logsumexp(const double *x, int V)
+{
+    double mx = x[0], sum = 0.0;
+    int v;
+    for (v = 1; v < V; v++) mx = x[v] > mx ? x[v] : mx;
+    for (v = 0; v < V; v++) sum += exp(x[v] - mx);
+    return mx + log(sum);
+}
+
+/* Multi-head attention over qkv[B,T,3C] with key mask[B,T]; att[B,NH,T,T] may be
+   NULL. A query with no unmasked key gets a zero output. */
+static void ref_attention(double *out, double *att, const double *qkv, const int *mask, int B, int T, int C,
+                          int NH)
+{
+    int HS = C / NH, b, h, t, j, k;
+    double *p = (double *)malloc((size_t)T * sizeof(double));
+    if (!p) {
+        fprintf(stderr, "test_kernels.c: out of memory in ref_attention\n");
+        exit(2);
+    }
+    for (b = 0; b < B; b++)
+        for (h = 0; h < NH; h++)
+            for (t = 0; t < T; t++) {
+                const double *q = qkv + ((size_t)b * T + t) * 3 * C + h * HS;
+                double mx = -INFINITY, sum = 0.0;
+                for (j = 0; j < T; j++) {
+                    const double *kj = qkv + ((size_t)b * T + j) * 3 * C + C + h * HS;
+                    double s = 0.0;
+                    for (k = 0; k < HS; k++) s += q[k] * kj[k];
+                    p[j] = s / sqrt((double)HS);
+                    if (mask[b * T + j] && p[j] > mx) mx = p[j];
+                }
+                for (j = 0; j < T; j++) {
+                    p[j] = mask[b * T + j] ? exp(p[j] - mx) : 0.0;
+                    sum += p[j];
+                }
+                for (j = 0; j < T; j++) p[j] = sum > 0.0 ? p[j] / sum : 0.0;
+                for (k = 0; k < HS; k++) {
+                    double o = 0.0;
+                    for (j = 0; j < T; j++) o += p[j] * qkv[((size_t)b * T + j) * 3 * C + 2 * C + h * HS + k];
+                    out[((size_t)b * T + t) * C + h * HS + k] = o;
+                }
+                if (att)
+                    for (j = 0; j < T; j++) att[(((size_t)b * NH + h) * T + t) * T + j] = p[j];
+            }
+    free(p);
+}
+
+/* out[B,T,C] = tok[ids] + pos[t] + type[types]; types may be NULL (all type 0). */
+static void ref_embedding(double *out, const int *ids, const int *types, const double *tok, const double *pos,
+                          const double *type, int B, int T, int C)
+{
+    int b, t, c;
+    for (b = 0; b < B; b++)
+        for (t = 0; t < T; t++) {
+            int bt = b * T + t, ty = types ? types[bt] : 0;
+            for (c = 0; c < C; c++)
+                out[(size_t)bt * C + c] = tok[(size_t)ids[bt] * C + c] + pos[(size_t)t * C + c] + type[(size_t)ty * C + c];
+        }
+}
+
+static void ref_select_first(double *out, const double *x, int B, int T, int C)
+{
+    int b, c;
+    for (b = 0; b < B; b++)
+        for (c = 0; c < C; c++) out[(size_t)b * C + c] = x[(size_t)b * T * C + c];
+}
+
+/* Mean over the unmasked tokens; zero for a sequence that has none. */
+static void ref_mean_pool(double *out, const double *x, const int *mask, int B, int T, int C)
+{
+    int b, t, c;
+    for (b = 0; b < B; b++) {
+        int n = 0;
+        for (t = 0; t < T; t++) n += mask[b * T + t] != 0;
+        for (c = 0; c < C; c++) {
+            double s = 0.0;
+            for (t = 0; t < T; t++)
+                if (mask[b * T + t]) s += x[((size_t)b * T + t) * C + c];
+            out[(size_t)b * C + c] = n ? s / n : 0.0;
+        }
+    }
+}
+
+static void ref_concat(double *out, const double *const *xs, const int *widths, int count, int N)
+{
+    int total = 0, i, r, c, off;
+    for (i = 0; i < count; i++) total += widths[i];
+    for (r = 0; r < N; r++) {
+        off = 0;
+        for (i = 0; i < count; i++) {
+            for (c = 0; c < widths[i]; c++) out[(size_t)r * total + off + c] = xs[i][(size_t)r * widths[i] + c];
+            off += widths[i];
+        }
+    }
+}
+
+/* out = x / max(||x||, eps) per row, as torch.nn.functional.normalize. */
+static void ref_l2_normalize(double *out, double *norm, const double *x, int N, int C, double eps)
+{
+    int i, c;
+    for (i = 0; i < N; i++) {
+        double ss = 0.0, d;
+        for (c = 0; c < C; c++) ss += x[(size_t)i * C + c] * x[(size_t)i * C + c];
+        d = sqrt(ss) > eps ? sqrt(ss) : eps;
+        for (c = 0; c < C; c++) out[(size_t)i * C + c] = x[(size_t)i * C + c] / d;
+        if (norm) norm[i] = sqrt(ss);
+    }
+}
+
+/* Mean over rows of logsumexp(logits) - logits[target]. */
+static double ref_cross_entropy(const double *logits, const int *targets, int N, int V)
+{
+    double total = 0.0;
+    int i;
+    for (i = 0; i < N; i++) {
+        const double *row = logits + (size_t)i * V;
+        total += ref_logsumexp(row, V) - row[targets[i]];
+    }
+    return total / N;
+}
+
+static double ref_mse(const double *pred, const double *target, int n)
+{
+    double total = 0.0;
+    int i;
+    for (i = 0; i < n; i++) total += (pred[i] - target[i]) * (pred[i] - target[i]);
+    return total / n;
+}
+
+/* T^2 * mean over rows of KL(p_t || p_s) with p = softmax(logits / T), from log
+   probabilities so that no term underflows. */
+static double ref_kl(const double *student, const double *teacher, int N, int V, double temperature)
+{
+    double total = 0.0;
+    double *s = (double *)malloc((size_t)V * sizeof(double));
+    double *t = (double *)malloc((size_t)V * sizeof(double));
+    int i, v;
+    if (!s || !t) {
+        fprintf(stderr, "test_kernels.c: out of memory in ref_kl\n");
+        exit(2);
+    }
+    for (i = 0; i < N; i++) {
+        double lse_s, lse_t;
+        for (v = 0; v < V; v++) {
+            s[v] = student[(size_t)i * V + v] / temperature;
+            t[v] = teacher[(size_t)i * V + v] / temperature;
+        }
+        lse_s = ref_logsumexp(s, V);
+        lse_t = ref_logsumexp(t, V);
+        for (v = 0; v < V; v++) {
+            double log_pt = t[v] - lse_t, log_ps = s[v] - lse_s;
+            total += exp(log_pt) * (log_pt - log_ps);
+        }
+    }
+    free(s);
+    free(t);
+    return temperature * temperature * total / N;
+}
+
+/* mean_b (logsumexp_j x_j - x_0) with x_0 = <zs_b, zt_b> / tau and
+   x_j = <zs_b, bank[neg[b, j-1]]> / tau; probs[B, K+1] may be NULL. */
+static double ref_infonce(double *probs, const double *zs, const double *zt, const double *bank, const int *neg,
+                          int B, int D, int K, double tau)
+{
+    double total = 0.0;
+    double *x = (double *)malloc((size_t)(K + 1) * sizeof(double));
+    int b, j;
+    if (!x) {
+        fprintf(stderr, "test_kernels.c: out of memory in ref_infonce\n");
+        exit(2);
+    }
+    for (b = 0; b < B; b++) {
+        double lse;
+        x[0] = dot(zs + (size_t)b * D, zt + (size_t)b * D, (size_t)D) / tau;
+        for (j = 1; j <= K; j++) x[j] = dot(zs + (size_t)b * D, bank + (size_t)neg[b * K + j - 1] * D, (size_t)D) / tau;
+        lse = ref_logsumexp(x, K + 1);
+        total += lse - x[0];
+        if (probs)
+            for (j = 0; j <= K; j++) probs[(size_t)b * (K + 1) + j] = exp(x[j] - lse);
+    }
+    free(x);
+    return total / B;
+}
+
+/* ===================================================================================
+   Kernel tests
+   =================================================================================== */
+
+/* ---- linear ---- */
+
+typedef struct linear_case {
+    double *x, *w, *b, *dy, *out;
+    int N, C, OC;
+} linear_case;
+
+static double linear_loss(const void *p)
+{
+    const linear_case *c = (const linear_case *)p;
+    ref_linear(c->out, c->x, c->w, c->b, c->N, c->C, c->OC);
+    return dot(c->dy, c->out, (size_t)c->N * c->OC);
+}
+
+/* {N, C, OC}: size 1, odd sizes and one larger case. */
+static const int linear_shapes[][3] = {{1, 1, 1}, {3, 5, 4}, {7, 16, 9}, {1, 16, 1}, {7, 1, 5}, {33, 40, 17}};
+#define NUM_LINEAR_SHAPES (int)(sizeof linear_shapes / sizeof linear_shapes[0])
+
+static void test_linear_forward(void)
+{
+    unsigned long long rng = 101;
+    codir_gemm_ws *ws = codir_gemm_ws_create();
+    int s, with_bias;
+    CHECK(ws != NULL, "codir_gemm_ws_create failed: %s", codir_last_error());
+    for (s = 0; s < NUM_LINEAR_SHAPES; s++)
+        for (with_bias = 0; with_bias <= 1; with_bias++) {
+            int N = linear_shapes[s][0], C = linear_shapes[s][1], OC = linear_shapes[s][2];
+            float *x = random_floats((size_t)N * C, &rng, -1, 1);
+            float *w = random_floats((size_t)OC * C, &rng, -1, 1);
+            float *b = with_bias ? random_floats((size_t)OC, &rng, -1, 1) : NULL;
+            float *out = random_floats((size_t)N * OC, &rng, -9, 9);
+            double *want = new_doubles((size_t)N * OC);
+            int rc = codir_linear_forward(ws, out, x, w, b, N, C, OC);
+            CHECK(rc == CODIR_OK, "codir_linear_forward returned %d: %s", rc, codir_last_error());
+            ref_linear(want, widen(x, (size_t)N * C), widen(w, (size_t)OC * C), b ? widen(b, (size_t)OC) : NULL, N,
+                       C, OC);
+            check_close(label("out N=%d C=%d OC=%d bias=%d", N, C, OC, with_bias), out, want, (size_t)N * OC,
+                        FWD_ATOL, FWD_RTOL);
+        }
+    codir_gemm_ws_free(ws);
+    free_buffers();
+}
+
+static void test_linear_backward(void)
+{
+    unsigned long long rng = 102;
+    codir_gemm_ws *ws = codir_gemm_ws_create();
+    int s;
+    for (s = 0; s < NUM_LINEAR_SHAPES; s++) {
+        int N = linear_shapes[s][0], C = linear_shapes[s][1], OC = linear_shapes[s][2];
+        float *x = random_floats((size_t)N * C, &rng, -1, 1);
+        float *w = random_floats((size_t)OC * C, &rng, -1, 1);
+        float *b = random_floats((size_t)OC, &rng, -1, 1);
+        float *dy = random_floats((size_t)N * OC, &rng, -1, 1);
+        float *dx = random_floats((size_t)N * C, &rng, -0.5, 0.5), *dx0 = copy_floats(dx, (size_t)N * C);
+        float *dw = random_floats((size_t)OC * C, &rng, -0.5, 0.5), *dw0 = copy_floats(dw, (size_t)OC * C);
+        float *db = random_floats((size_t)OC, &rng, -0.5, 0.5), *db0 = copy_floats(db, (size_t)OC);
+        linear_case c;
+        int rc = codir_linear_backward(ws, dx, dw, db, dy, x, w, N, C, OC);
+        CHECK(rc == CODIR_OK, "codir_linear_backward returned %d: %s", rc, codir_last_error());
+        c.x = widen(x, (size_t)N * C);
+        c.w = widen(w, (size_t)OC * C);
+        c.b = widen(b, (size_t)OC);
+        c.dy = widen(dy, (size_t)N * OC);
+        c.out = new_doubles((size_t)N * OC);
+        c.N = N;
+        c.C = C;
+        c.OC = OC;
+        check_fd(label("dinp N=%d C=%d OC=%d", N, C, OC), linear_loss, &c, c.x, (size_t)N * C, dx, dx0);
+        check_fd(label("dw N=%d C=%d OC=%d", N, C, OC), linear_loss, &c, c.w, (size_t)OC * C, dw, dw0);
+        check_fd(label("db N=%d C=%d OC=%d", N, C, OC), linear_loss, &c, c.b, (size_t)OC, db, db0);
+    }
+    codir_gemm_ws_free(ws);
+    free_buffers();
+}
+
+/* ---- add ---- */
+
+typedef struct add_case {
+    double *a, *b, *dy;
+    size_t n;
+} add_case;
+
+static double add_loss(const void *p)
+{
+    const add_case *c = (const add_case *)p;
+    double s = 0.0;
+    size_t i;
+    for (i = 0; i < c->n; i++) s += c->dy[i] * (c->a[i] + c->b[i]);
+    return s;
+}
+
+static void test_add(void)
+{
+    static const size_t sizes[] = {1, 7, 50};
+    unsigned long long rng = 103;
+    size_t s, i;
+    for (s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
+        size_t n = sizes[s];
+        float *a = random_floats(n, &rng, -2, 2), *b = random_floats(n, &rng, -2, 2);
+        float *out = new_floats(n), *dy = random_floats(n, &rng, -1, 1);
+        float *da = random_floats(n, &rng, -0.5, 0.5), *da0 = copy_floats(da, n);
+        float *db = random_floats(n, &rng, -0.5, 0.5), *db0 = copy_floats(db, n);
+        double *want = new_doubles(n);
+        add_case c;
+        codir_add_forward(out, a, b, n);
+        for (i = 0; i < n; i++) want[i] = (double)a[i] + b[i];
+        check_close(label("out n=%zu", n), out, want, n, 1e-6, 1e-6);
+        codir_add_backward(da, db, dy, n);
+        c.a = widen(a, n);
+        c.b = widen(b, n);
+        c.dy = widen(dy, n);
+        c.n = n;
+        check_fd(label("da n=%zu", n), add_loss, &c, c.a, n, da, da0);
+        check_fd(label("db n=%zu", n), add_loss, &c, c.b, n, db, db0);
+    }
+    free_buffers();
+}
+
+/* ---- LayerNorm ---- */
+
+typedef struct layernorm_case {
+    double *x, *gamma, *beta, *dy, *out;
+    int N, C;
+    double eps;
+} layernorm_case;
+
+static double layernorm_loss(const void *p)
+{
+    const layernorm_case *c = (const layernorm_case *)p;
+    ref_layernorm(c->out, NULL, NULL, c->x, c->gamma, c->beta, c->N, c->C, c->eps);
+    return dot(c->dy, c->out, (size_t)c->N * c->C);
+}
+
+static const int layernorm_shapes[][2] = {{1, 1}, {2, 1}, {3, 5}, {7, 16}, {1, 7}};
+static const float layernorm_eps[] = {1e-12f, 1e-5f};
+#define NUM_LAYERNORM_SHAPES (int)(sizeof layernorm_shapes / sizeof layernorm_shapes[0])
+
+static void test_layernorm_forward(void)
+{
+    unsigned long long rng = 104;
+    int s, e;
+    for (s = 0; s < NUM_LAYERNORM_SHAPES; s++)
+        for (e = 0; e < 2; e++) {
+            int N = layernorm_shapes[s][0], C = layernorm_shapes[s][1];
+            size_t n = (size_t)N * C;
+            float eps = layernorm_eps[e];
+            float *x = random_floats(n, &rng, -2, 2);
+            float *gamma = random_floats((size_t)C, &rng, 0.5, 1.5), *beta = random_floats((size_t)C, &rng, -0.5, 0.5);
+            float *out = new_floats(n), *rstd = new_floats((size_t)N);
+            double *mean = new_doubles((size_t)N);
+            double *want = new_doubles(n), *want_mean = new_doubles((size_t)N), *want_rstd = new_doubles((size_t)N);
+            int i;
+            codir_layernorm_forward(out, mean, rstd, x, gamma, beta, N, C, eps);
+            ref_layernorm(want, want_mean, want_rstd, widen(x, n), widen(gamma, (size_t)C), widen(beta, (size_t)C), N,
+                          C, (double)eps);
+            check_close(label("out N=%d C=%d eps=%g", N, C, (double)eps), out, want, n, FWD_ATOL, FWD_RTOL);
+            for (i = 0; i < N; i++)
+                CHECK(fabs(mean[i] - want_mean[i]) <= 1e-6 + 1e-6 * fabs(want_mean[i]),
+                      "mean N=%d C=%d row %d: got %.9g want %.9g", N, C, i, mean[i], want_mean[i]);
+            check_close(label("rstd N=%d C=%d eps=%g", N, C, (double)eps), rstd, want_rstd, (size_t)N, 0, 1e-6);
+
+            /* mean and rstd are optional outputs */
+            codir_layernorm_forward(out, NULL, NULL, x, gamma, beta, N, C, eps);
+            check_close(label("out without statistics N=%d C=%d", N, C), out, want, n, FWD_ATOL, FWD_RTOL);
+        }
+    free_buffers();
+}
+
+static void test_layernorm_backward(void)
+{
+    unsigned long long rng = 105;
+    int s, e;
+    for (s = 0; s < NUM_LAYERNORM_SHAPES; s++)
+        for (e = 0; e < 2; e++) {
+            int N = layernorm_shapes[s][0], C = layernorm_shapes[s][1];
+            size_t n = (size_t)N * C;
+            float eps = layernorm_eps[e];
+            float *x = random_floats(n, &rng, -2, 2);
+            float *gamma = random_floats((size_t)C, &rng, 0.5, 1.5), *beta = random_floats((size_t)C, &rng, -0.5, 0.5);
+            float *out = new_floats(n), *rstd = new_floats((size_t)N);
+            double *mean = new_doubles((size_t)N);
+            float *dy = random_floats(n, &rng, -1, 1);
+            float *dx = random_floats(n, &rng, -0.5, 0.5), *dx0 = copy_floats(dx, n);
+            float *dg = random_floats((size_t)C, &rng, -0.5, 0.5), *dg0 = copy_floats(dg, (size_t)C);
+            float *dbeta = random_floats((size_t)C, &rng, -0.5, 0.5), *dbeta0 = copy_floats(dbeta, (size_t)C);
+            layernorm_case c;
+            codir_layernorm_forward(out, mean, rstd, x, gamma, beta, N, C, eps);
+            codir_layernorm_backward(dx, dg, dbeta, dy, x, gamma, mean, rstd, N, C);
+            c.x = widen(x, n);
+            c.gamma = widen(gamma, (size_t)C);
+            c.beta = widen(beta, (size_t)C);
+            c.dy = widen(dy, n);
+            c.out = new_doubles(n);
+            c.N = N;
+            c.C = C;
+            c.eps = (double)eps;
+            check_fd(label("dinp N=%d C=%d eps=%g", N, C, (double)eps), layernorm_loss, &c, c.x, n, dx, dx0);
+            check_fd(label("dgamma N=%d C=%d eps=%g", N, C, (double)eps), layernorm_loss, &c, c.gamma, (size_t)C, dg,
+                     dg0);
+            check_fd(label("dbeta N=%d C=%d eps=%g", N, C, (double)eps), layernorm_loss, &c, c.beta, (size_t)C, dbeta,
+                     dbeta0);
+        }
+    free_buffers();
+}
+
+/* Rows with mean 1e4 and spread 1e-2: E[x^2] - E[x]^2 in float32 would lose every
+   digit of the variance. */
+static float *large_mean_rows(int N, int C, unsigned long long *rng)
+{
+    float *x = new_floats((size_t)N * C);
+    int i;
+    for (i = 0; i < N * C; i++) x[i] = (float)(1e4 + check_uniform(rng, -1e-2, 1e-2));
+    return x;
+}
+
+static void test_layernorm_large_mean(void)
+{
+    enum { N = 4, C = 64 };
+    unsigned long long rng = 106;
+    float *x = large_mean_rows(N, C, &rng);
+    float *gamma = random_floats(C, &rng, 0.5, 1.5), *beta = random_floats(C, &rng, -0.5, 0.5);
+    float *out = new_floats(N * C), *rstd = new_floats(N);
+    double *mean = new_doubles(N);
+    double *want = new_doubles(N * C), *want_rstd = new_doubles(N);
+    codir_layernorm_forward(out, mean, rstd, x, gamma, beta, N, C, 1e-12f);
+    ref_layernorm(want, NULL, want_rstd, widen(x, N * C), widen(gamma, C), widen(beta, C), N, C, 1e-12);
+    check_close("out", out, want, N * C, 1e-3, 1e-3);
+    check_close("rstd", rstd, want_rstd, N, 0, 1e-3);
+    free_buffers();
+}
+
+static void test_layernorm_large_mean_backward(void)
+{
+    enum { N = 4, C = 64 };
+    unsigned long long rng = 107;
+    float *x = large_mean_rows(N, C, &rng);
+    float *gamma = random_floats(C, &rng, 0.5, 1.5), *beta = random_floats(C, &rng, -0.5, 0.5);
+    float *out = new_floats(N * C), *rstd = new_floats(N);
+    double *mean = new_doubles(N);
+    float *dy = random_floats(N * C, &rng, -1, 1);
+    float *dx = new_floats(N * C);
+    float *dg = new_floats(C), *dg0 = new_floats(C);
+    layernorm_case c;
+    double *numeric = new_doubles(N * C);
+    codir_layernorm_forward(out, mean, rstd, x, gamma, beta, N, C, 1e-12f);
+    codir_layernorm_backward(dx, dg, NULL, dy, x, gamma, mean, rstd, N, C);
+    c.x = widen(x, N * C);
+    c.gamma = widen(gamma, C);
+    c.beta = widen(beta, C);
+    c.dy = widen(dy, N * C);
+    c.out = new_doubles(N * C);
+    c.N = N;
+    c.C = C;
+    c.eps = 1e-12;
+
+    /* dinp scales with rstd (about 170 here), so the tolerance is relative to that. */
+    central_diff(layernorm_loss, &c, c.x, N * C, numeric);
+    check_close("dinp", dx, numeric, N * C, 1e-3 * 170, 1e-3);
+    check_fd("dgamma", layernorm_loss, &c, c.gamma, C, dg, dg0);
+    free_buffers();
+}
+
+/* ---- GELU and tanh ---- */
+
+typedef struct unary_case {
+    double (*f)(double);
+    double *x, *dy;
+    size_t n;
+} unary_case;
+
+static double unary_loss(const void *p)
+{
+    const unary_case *c = (const unary_case *)p;
+    double s = 0.0;
+    size_t i;
+    for (i = 0; i < c->n; i++) s += c->dy[i] * c->f(c->x[i]);
+    return s;
+}
+
+/* n inputs: a few fixed points, then uniform in [-range, range]. */
+static float *unary_inputs(size_t n, unsigned long long *rng, double range)
+{
+    static const float fixed[] = {0.0f, 1e-3f, -1e-3f, 1.0f, -1.0f, 10.0f, -10.0f};
+    float *x = random_floats(n, rng, -range, range);
+    size_t i;
+    for (i = 0; i < n && i < sizeof fixed / sizeof fixed[0]; i++) x[i] = fixed[i];
+    return x;
+}
+
+static void test_gelu_forward(void)
+{
+    enum { n = 200 };
+    unsigned long long rng = 108;
+    float *x = unary_inputs(n, &rng, 6), *out = new_floats(n);
+    double *want = new_doubles(n);
+    int i;
+    codir_gelu_forward(out, x, n);
+    for (i = 0; i < n; i++) want[i] = ref_gelu(x[i]);
+
+    /* The tanh approximation differs from the erf form by up to 4.7e-4 (at x = -2.7). */
+    check_close("out", out, want, n, 1e-6, 1e-5);
+    free_buffers();
+}
+
+static void test_gelu_backward(void)
+{
+    enum { n = 200 };
+    unsigned long long rng = 109;
+    float *x = unary_inputs(n, &rng, 6), *dy = random_floats(n, &rng, -1, 1);
+    float *dx = random_floats(n, &rng, -0.5, 0.5), *dx0 = copy_floats(dx, n);
+    unary_case c;
+    codir_gelu_backward(dx, x, dy, n);
+    c.f = ref_gelu;
+    c.x = widen(x, n);
+    c.dy = widen(dy, n);
+    c.n = n;
+    check_fd("dinp", unary_loss, &c, c.x, n, dx, dx0);
+    free_buffers();
+}
+
+static double ref_tanh(double x) { return tanh(x); }
+
+static void test_tanh(void)
+{
+    enum { n = 200 };
+    unsigned long long rng = 110;
+    float *x = unary_inputs(n, &rng, 4), *out = new_floats(n), *dy = random_floats(n, &rng, -1, 1);
+    float *dx = random_floats(n, &rng, -0.5, 0.5), *dx0 = copy_floats(dx, n);
+    double *want = new_doubles(n);
+    unary_case c;
+    int i;
+    codir_tanh_forward(out, x, n);
+    for (i = 0; i < n; i++) want[i] = tanh((double)x[i]);
+    check_close("out", out, want, n, 1e-6, 1e-5);
+    codir_tanh_backward(dx, out, dy, n);
+    c.f = ref_tanh;
+    c.x = widen(x, n);
+    c.dy = widen(dy, n);
+    c.n = n;
+    check_fd("dinp", unary_loss, &c, c.x, n, dx, dx0);
+    free_buffers();
+}
+
+/* ---- softmax ---- */
+
+typedef struct softmax_case {
+    double *x, *dy, *out;
+    int N, V;
+} softmax_case;
+
+static double softmax_loss(const void *p)
+{
+    const softmax_case *c = (const softmax_case *)p;
+    ref_softmax(c->out, c->x, c->N, c->V);
+    return dot(c->dy, c->out, (size_t)c->N * c->V);
+}
+
+static void test_softmax(void)
+{
+    static const int shapes[][2] = {{1, 1}, {3, 5}, {2, 16}, {7, 3}};
+    unsigned long long rng = 111;
+    size_t s;
+    for (s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int N = shapes[s][0], V = shapes[s][1];
+        size_t n = (size_t)N * V;
+        float *x = random_floats(n, &rng, -5, 5), *out = new_floats(n), *dy = random_floats(n, &rng, -1, 1);
+        float *dx = random_floats(n, &rng, -0.5, 0.5), *dx0 = copy_floats(dx, n);
+        double *want = new_doubles(n);
+        softmax_case c;
+        codir_softmax_forward(out, x, N, V);
+        c.x = widen(x, n);
+        c.dy = widen(dy, n);
+        c.out = new_doubles(n);
+        c.N = N;
+        c.V = V;
+        ref_softmax(want, c.x, N, V);
+        check_close(label("out N=%d V=%d", N, V), out, want, n, 1e-6, 1e-5);
+        codir_softmax_backward(dx, out, dy, N, V);
+        check_fd(label("dinp N=%d V=%d", N, V), softmax_loss, &c, c.x, n, dx, dx0);
+    }
+    free_buffers();
+}
+
+/* ---- attention ---- */
+
+typedef struct attention_case {
+    double *qkv, *dy, *out;
+    const int *mask;
+    int B, T, C, NH;
+} attention_case;
+
+static double attention_loss(const void *p)
+{
+    const attention_case *c = (const attention_case *)p;
+    ref_attention(c->out, NULL, c->qkv, c->mask, c->B, c->T, c->C, c->NH);
+    return dot(c->dy, c->out, (size_t)c->B * c->T * c->C);
+}
+
+/* {B, T, C, NH}, including T = 1, one channel per head and an odd head size. */
+static const int attention_shapes[][4] = {{1, 1, 4, 1}, {2, 3, 6, 2}, {2, 5, 8, 4}, {1, 4, 5, 1}, {3, 2, 3, 3}};
+#define NUM_ATTENTION_SHAPES (int)(sizeof attention_shapes / sizeof attention_shapes[0])
+
+/* A key mask with padding at the end and in the middle; token 0 is always kept. */
+static int *attention_mask(int B, int T)
+{
+    int *mask = new_ints((size_t)B * T), b, t;
+    for (b = 0; b < B; b++)
+        for (t = 0; t < T; t++) mask[b * T + t] = t == 0 || (t * 7 + b * 3) % 4 != 1;
+    return mask;
+}
+
+/* Copies part (0 query, 1 key, 2 value) of each row of x[rows, 3C] to out[rows, C]. */
+static float *qkv_part(const float *x, int rows, int C, int part)
+{
+    float *out = new_floats((size_t)rows * C);
+    int r;
+    for (r = 0; r < rows; r++) memcpy(out + (size_t)r * C, x + (size_t)r * 3 * C + part * C, (size_t)C * sizeof(float));
+    return out;
+}
+
+static double *qkv_part_double(const double *x, int rows, int C, int part)
+{
+    double *out = new_doubles((size_t)rows * C);
+    int r;
+    for (r = 0; r < rows; r++) memcpy(out + (size_t)r * C, x + (size_t)r * 3 * C + part * C, (size_t)C * sizeof(double));
+    return out;
+}
+
+static void test_attention_forward(void)
+{
+    unsigned long long rng = 112;
+    int s;
+    for (s = 0; s < NUM_ATTENTION_SHAPES; s++) {
+        int B = attention_shapes[s][0], T = attention_shapes[s][1], C = attention_shapes[s][2];
+        int NH = attention_shapes[s][3];
+        size_t n_att = (size_t)B * NH * T * T;
+        float *qkv = random_floats((size_t)B * T * 3 * C, &rng, -1.5, 1.5);
+        float *out = new_floats((size_t)B * T * C), *att = new_floats(n_att);
+        double *want = new_doubles((size_t)B * T * C), *want_att = new_doubles(n_att);
+        int *mask = attention_mask(B, T);
+        codir_attention_forward(out, att, qkv, mask, B, T, C, NH);
+        ref_attention(want, want_att, widen(qkv, (size_t)B * T * 3 * C), mask, B, T, C, NH);
+        check_close(label("out B=%d T=%d C=%d NH=%d", B, T, C, NH), out, want, (size_t)B * T * C, FWD_ATOL, FWD_RTOL);
+        check_close(label("att B=%d T=%d C=%d NH=%d", B, T, C, NH), att, want_att, n_att, 1e-6, 1e-5);
+    }
+    free_buffers();
+}
+
+static void test_attention_backward(void)
+{
+    static const char *const part_names[] = {"dq", "dk", "dv"};
+    unsigned long long rng = 113;
+    int s, part;
+    for (s = 0; s < NUM_ATTENTION_SHAPES; s++) {
+        int B = attention_shapes[s][0], T = attention_shapes[s][1], C = attention_shapes[s][2];
+        int NH = attention_shapes[s][3], rows = B * T;
+        size_t n = (size_t)rows * 3 * C;
+        float *qkv = random_floats(n, &rng, -1.5, 1.5);
+        float *out = new_floats((size_t)rows * C), *att = new_floats((size_t)B * NH * T * T);
+        float *dy = random_floats((size_t)rows * C, &rng, -1, 1);
+        float *dqkv = random_floats(n, &rng, -0.5, 0.5), *dqkv0 = copy_floats(dqkv, n);
+        double *numeric = new_doubles(n);
+        attention_case c;
+        c.mask = attention_mask(B, T);
+        codir_attention_forward(out, att, qkv, c.mask, B, T, C, NH);
+        codir_attention_backward(dqkv, dy, qkv, att, B, T, C, NH);
+        c.qkv = widen(qkv, n);
+        c.dy = widen(dy, (size_t)rows * C);
+        c.out = new_doubles((size_t)rows * C);
+        c.B = B;
+        c.T = T;
+        c.C = C;
+        c.NH = NH;
+        central_diff(attention_loss, &c, c.qkv, n, numeric);
+
+        /* One check per part, so a failure shows whether q, k or v is wrong. */
+        for (part = 0; part < 3; part++)
+            check_grad(label("%s B=%d T=%d C=%d NH=%d", part_names[part], B, T, C, NH), qkv_part(dqkv, rows, C, part),
+                       qkv_part(dqkv0, rows, C, part), qkv_part_double(numeric, rows, C, part), (size_t)rows * C);
+    }
+    free_buffers();
+}
+
+static void test_attention_fully_masked(void)
+{
+    enum { B = 2, T = 3, C = 4, NH = 2 };
+    static const int mask[B * T] = {1, 1, 0, 0, 0, 0};
+    unsigned long long rng = 114;
+    float *qkv = random_floats(B * T * 3 * C, &rng, -1, 1);
+    float *out = random_floats(B * T * C, &rng, -1, 1), *att = random_floats(B * NH * T * T, &rng, -1, 1);
+    float *dy = random_floats(B * T * C, &rng, -1, 1), *dqkv = new_floats(B * T * 3 * C);
+    int i, c;
+    codir_attention_forward(out, att, qkv, mask, B, T, C, NH);
+    CHECK(all_finite(out, B * T * C), "attention output has NaN or Inf");
+    CHECK(all_finite(att, B * NH * T * T), "attention probabilities have NaN or Inf");
+
+    /* Sequence 1 has no key left: zero probabilities and zero output. */
+    for (i = NH * T * T; i < B * NH * T * T; i++) CHECK(att[i] == 0.0f, "att[%d] = %g, want 0", i, (double)att[i]);
+    for (i = T * C; i < B * T * C; i++) CHECK(out[i] == 0.0f, "out[%d] = %g, want 0", i, (double)out[i]);
+
+    /* Sequence 0's padded key 2 gets probability 0 from every query. */
+    for (i = 0; i < NH * T; i++) CHECK(att[i * T + 2] == 0.0f, "att to padded key, row %d = %g", i, (double)att[i * T + 2]);
+
+    codir_attention_backward(dqkv, dy, qkv, att, B, T, C, NH);
+    CHECK(all_finite(dqkv, B * T * 3 * C), "attention gradient has NaN or Inf");
+    for (i = T * 3 * C; i < B * T * 3 * C; i++)
+        CHECK(dqkv[i] == 0.0f, "dqkv[%d] of the fully masked sequence = %g, want 0", i, (double)dqkv[i]);
+
+    /* The padded key and value of sequence 0 (token 2) get no gradient either. */
+    for (c = C; c < 3 * C; c++)
+        CHECK(dqkv[2 * 3 * C + c] == 0.0f, "gradient of padded key/value channel %d = %g", c, (double)dqkv[2 * 3 * C + c]);
+    free_buffers();
+}
+
+/* ---- embeddings ---- */
+
+typedef struct embedding_case {
+    double *tok, *pos, *type, *dy, *out;
+    const int *ids, *types;
+    int B, T, C;
+} embedding_case;
+
+static double embedding_loss(const void *p)
+{
+    const embedding_case *c = (const embedding_case *)p;
+    ref_embedding(c->out, c->ids, c->types, c->tok, c->pos, c->type, c->B, c->T, c->C);
+    return dot(c->dy, c->out, (size_t)c->B * c->T * c->C);
+}
+
+/* Vocabulary 4, 4 positions, 2 token types; ids 2 and 0 repeat. */
+enum { EMB_B = 2, EMB_T = 3, EMB_V = 4, EMB_P = 4, EMB_TV = 2 };
+static const int emb_ids[EMB_B * EMB_T] = {2, 0, 2, 3, 2, 0};
+static const int emb_types[EMB_B * EMB_T] = {0, 1, 1, 0, 0, 1};
+
+static void test_embedding_forward(void)
+{
+    static const int widths[] = {1, 5};
+    unsigned long long rng = 115;
+    int w, with_types;
+    for (w = 0; w < 2; w++)
+        for (with_types = 0; with_types <= 1; with_types++) {
+            int C = widths[w], n = EMB_B * EMB_T * C;
+            const int *types = with_types ? emb_types : NULL;
+            float *tok = random_floats((size_t)EMB_V * C, &rng, -1, 1), *pos = random_floats((size_t)EMB_P * C, &rng, -1, 1);
+            float *type = random_floats((size_t)EMB_TV * C, &rng, -1, 1), *out = new_floats((size_t)n);
+            double *want = new_doubles((size_t)n);
+            codir_embedding_forward(out, emb_ids, types, tok, pos, type, EMB_B, EMB_T, C);
+            ref_embedding(want, emb_ids, types, widen(tok, (size_t)EMB_V * C), widen(pos, (size_t)EMB_P * C),
+                          widen(type, (size_t)EMB_TV * C), EMB_B, EMB_T, C);
+            check_close(label("out C=%d types=%d", C, with_types), out, want, (size_t)n, 1e-6, 1e-6);
+        }
+    free_buffers();
+}
+
+static void test_embedding_backward(void)
+{
+    static const int widths[] = {1, 5};
+    unsigned long long rng = 116;
+    int w, with_types;
+    for (w = 0; w < 2; w++)
+        for (with_types = 0; with_types <= 1; with_types++) {
+            int C = widths[w], n = EMB_B * EMB_T * C;
+            size_t ntok = (size_t)EMB_V * C, npos = (size_t)EMB_P * C, ntype = (size_t)EMB_TV * C;
+            float *tok = random_floats(ntok, &rng, -1, 1), *pos = random_floats(npos, &rng, -1, 1);
+            float *type = random_floats(ntype, &rng, -1, 1), *dy = random_floats((size_t)n, &rng, -1, 1);
+            float *dtok = random_floats(ntok, &rng, -0.5, 0.5), *dtok0 = copy_floats(dtok, ntok);
+            float *dpos = random_floats(npos, &rng, -0.5, 0.5), *dpos0 = copy_floats(dpos, npos);
+            float *dtype = random_floats(ntype, &rng, -0.5, 0.5), *dtype0 = copy_floats(dtype, ntype);
+            int *order = new_ints(EMB_B * EMB_T);
+            float *row = new_floats((size_t)C);
+            embedding_case c;
+            c.ids = emb_ids;
+            c.types = with_types ? emb_types : NULL;
+            codir_embedding_backward(dtok, dpos, dtype, dy, c.ids, c.types, EMB_B, EMB_T, C, order, row);
+            c.tok = widen(tok, ntok);
+            c.pos = widen(pos, npos);
+            c.type = widen(type, ntype);
+            c.dy = widen(dy, (size_t)n);
+            c.out = new_doubles((size_t)n);
+            c.B = EMB_B;
+            c.T = EMB_T;
+            c.C = C;
+            check_fd(label("dtok C=%d types=%d", C, with_types), embedding_loss, &c, c.tok, ntok, dtok, dtok0);
+            check_fd(label("dpos C=%d types=%d", C, with_types), embedding_loss, &c, c.pos, npos, dpos, dpos0);
+            check_fd(label("dtype C=%d types=%d", C, with_types), embedding_loss, &c, c.type, ntype, dtype, dtype0);
+        }
+    free_buffers();
+}
+
+/* ---- dropout ---- */
+
+static void test_dropout_statistics(void)
+{
+    static const float probs[] = {0.1f, 0.5f, 0.9f};
+    enum { n = 1 << 17 };
+    unsigned long long rng = 117;
+    float *x = random_floats(n, &rng, 0.5, 1.5), *out = new_floats(n);
+    size_t s, i;
+    for (s = 0; s < sizeof probs / sizeof probs[0]; s++) {
+        double p = probs[s], keep_want = 1.0 - p, sigma = sqrt(p * (1.0 - p) / n), keep;
+        size_t kept = 0, wrong_scale = 0, first_wrong = 0;
+        codir_dropout_forward(out, x, n, probs[s], 0x1234u + s);
+        for (i = 0; i < n; i++) {
+            double want = (double)x[i] / (1.0 - p);
+            if (out[i] == 0.0f) continue;
+            kept++;
+            if (fabs(out[i] - want) > 1e-6 * want && wrong_scale++ == 0) first_wrong = i;
+        }
+        keep = (double)kept / n;
+        CHECK(fabs(keep - keep_want) <= 5.0 * sigma, "p=%g: kept fraction %.5f, want %.5f +- %.5f", p, keep, keep_want,
+              5.0 * sigma);
+        CHECK(wrong_scale == 0, "p=%g: %zu kept values not scaled by 1/(1-p); first [%zu] got %g from input %g", p,
+              wrong_scale, first_wrong, (double)out[first_wrong], (double)x[first_wrong]);
+    }
+
+    /* p = 0 keeps every element unchanged. */
+    codir_dropout_forward(out, x, n, 0.0f, 99);
+    for (i = 0; i < n; i++)
+        if (out[i] != x[i]) break;
+    CHECK(i == n, "p=0 changed element %zu: %g -> %g", i, (double)x[i], (double)out[i]);
+    free_buffers();
+}
+
+/* Returns the number of elements where a and b differ bitwise. */
+static size_t count_different(const float *a, const float *b, size_t n)
+{
+    size_t i, d = 0;
+    for (i = 0; i < n; i++) d += memcmp(&a[i], &b[i], sizeof(float)) != 0;
+    return d;
+}
+
+static void test_dropout_key(void)
+{
+    enum { n = 10000 };
+    unsigned long long rng = 118;
+    float *x = random_floats(n, &rng, 0.5, 1.5);
+    float *a = new_floats(n), *b = new_floats(n), *c = new_floats(n);
+    size_t diff;
+    codir_dropout_forward(a, x, n, 0.5f, 777);
+    codir_dropout_forward(b, x, n, 0.5f, 777);
+    codir_dropout_forward(c, x, n, 0.5f, 778);
+    CHECK(count_different(a, b, n) == 0, "the same key gave %zu different elements", count_different(a, b, n));
+
+    /* Two independent masks at p = 0.5 disagree on half the elements. */
+    diff = count_different(a, c, n);
+    CHECK(diff > 4000, "keys 777 and 778 differ on only %zu of %d elements, want about %d", diff, n, n / 2);
+    CHECK(diff < 6000, "keys 777 and 778 differ on %zu of %d elements, want about %d", diff, n, n / 2);
+    free_buffers();
+}
+
+static void test_dropout_threads(void)
+{
+    enum { n = 50000 };
+    unsigned long long rng = 119;
+    float *x = random_floats(n, &rng, -1, 1), *dy = random_floats(n, &rng, -1, 1);
+    float *out1 = new_floats(n), *out2 = new_floats(n), *dx1 = new_floats(n), *dx2 = new_floats(n);
+#ifdef _OPENMP
+    int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+    codir_dropout_forward(out1, x, n, 0.3f, 4242);
+    codir_dropout_backward(dx1, dy, n, 0.3f, 4242);
+#ifdef _OPENMP
+    omp_set_num_threads(2);
+#endif
+    codir_dropout_forward(out2, x, n, 0.3f, 4242);
+    codir_dropout_backward(dx2, dy, n, 0.3f, 4242);
+#ifdef _OPENMP
+    omp_set_num_threads(saved);
+#endif
+    CHECK(count_different(out1, out2, n) == 0, "forward with 1 and 2 threads differs on %zu elements",
+          count_different(out1, out2, n));
+    CHECK(count_different(dx1, dx2, n) == 0, "backward with 1 and 2 threads differs on %zu elements",
+          count_different(dx1, dx2, n));
+    free_buffers();
+}
+
+static void test_dropout_backward(void)
+{
+    enum { n = 1000 };
+    const float p = 0.3f;
+    unsigned long long rng = 120;
+    float *x = random_floats(n, &rng, 0.5, 1.5), *out = new_floats(n), *dy = random_floats(n, &rng, -1, 1);
+    float *dx = random_floats(n, &rng, -0.5, 0.5), *dx0 = copy_floats(dx, n);
+    double *grad = new_doubles(n);
+    int i;
+    codir_dropout_forward(out, x, n, p, 31337);
+    codir_dropout_backward(dx, dy, n, p, 31337);
+
+    /* The forward is linear in x with the mask its output shows (inputs are nonzero),
+       so the exact gradient is dy / (1 - p) where kept and 0 elsewhere. */
+    for (i = 0; i < n; i++) grad[i] = out[i] != 0.0f ? (double)dy[i] / (1.0 - p) : 0.0;
+    check_grad("dinp", dx, dx0, grad, n);
+    free_buffers();
+}
+
+/* ---- pooling and concatenation ---- */
+
+typedef struct pool_case {
+    double *x, *dy, *out;
+    const int *mask; /* NULL for select-first */
+    int B, T, C;
+} pool_case;
+
+static double pool_loss(const void *p)
+{
+    const pool_case *c = (const pool_case *)p;
+    if (c->mask)
+        ref_mean_pool(c->out, c->x, c->mask, c->B, c->T, c->C);
+    else
+        ref_select_first(c->out, c->x, c->B, c->T, c->C);
+    return dot(c->dy, c->out, (size_t)c->B * c->C);
+}
+
+static const int pool_shapes[][3] = {{1, 1, 1}, {3, 1, 5}, {3, 4, 1}, {3, 5, 5}, {2, 7, 16}};
+#define NUM_POOL_SHAPES (int)(sizeof pool_shapes / sizeof pool_shapes[0])
+
+/* Sequence 0 full, 1 with a hole and padding at the end, 2 all padding. */
+static int *pool_mask(int B, int T)
+{
+    int *mask = new_ints((size_t)B * T), b, t;
+    for (b = 0; b < B; b++)
+        for (t = 0; t < T; t++) mask[b * T + t] = b == 0 || (b == 1 && t != 1 && t < T - 1) || (b == 1 && T == 1);
+    return mask;
+}
+
+static void run_pool_case(int B, int T, int C, int mean, unsigned long long *rng)
+{
+    size_t n = (size_t)B * T * C, m = (size_t)B * C;
+    float *x = random_floats(n, rng, -2, 2), *out = new_floats(m), *dy = random_floats(m, rng, -1, 1);
+    float *dx = random_floats(n, rng, -0.5, 0.5), *dx0 = copy_floats(dx, n);
+    double *want = new_doubles(m);
+    const char *name = mean ? "mean" : "first";
+    pool_case c;
+    c.mask = mean ? pool_mask(B, T) : NULL;
+    c.x = widen(x, n);
+    c.dy = widen(dy, m);
+    c.out = new_doubles(m);
+    c.B = B;
+    c.T = T;
+    c.C = C;
+    if (mean) {
+        codir_mean_pool_forward(out, x, c.mask, B, T, C);
+        codir_mean_pool_backward(dx, dy, c.mask, B, T, C);
+        ref_mean_pool(want, c.x, c.mask, B, T, C);
+    } else {
+        codir_select_first_forward(out, x, B, T, C);
+        codir_select_first_backward(dx, dy, B, T, C);
+        ref_select_first(want, c.x, B, T, C);
+    }
+    check_close(label("%s out B=%d T=%d C=%d", name, B, T, C), out, want, m, 1e-6, 1e-6);
+    check_fd(label("%s dinp B=%d T=%d C=%d", name, B, T, C), pool_loss, &c, c.x, n, dx, dx0);
+}
+
+static void test_select_first(void)
+{
+    unsigned long long rng = 121;
+    int s;
+    for (s = 0; s < NUM_POOL_SHAPES; s++) run_pool_case(pool_shapes[s][0], pool_shapes[s][1], pool_shapes[s][2], 0, &rng);
+    free_buffers();
+}
+
+static void test_mean_pool(void)
+{
+    unsigned long long rng = 122;
+    int s;
+    for (s = 0; s < NUM_POOL_SHAPES; s++) run_pool_case(pool_shapes[s][0], pool_shapes[s][1], pool_shapes[s][2], 1, &rng);
+    free_buffers();
+}
+
+static void test_mean_pool_ignores_pads(void)
+{
+    enum { B = 3, T = 5, C = 4 };
+    unsigned long long rng = 123;
+    int *mask = pool_mask(B, T);
+    float *x = random_floats(B * T * C, &rng, -1, 1), *y = copy_floats(x, B * T * C);
+    float *out_x = new_floats(B * C), *out_y = new_floats(B * C), *dy = random_floats(B * C, &rng, -1, 1);
+    float *dx = random_floats(B * T * C, &rng, -0.5, 0.5), *dx0 = copy_floats(dx, B * T * C);
+    int i, pads = 0;
+
+    /* Padded positions hold garbage, NaN and huge values included. */
+    for (i = 0; i < B * T * C; i++)
+        if (!mask[i / C]) {
+            y[i] = pads % 2 ? NAN : 1e30f;
+            pads++;
+        }
+    CHECK(pads > 0, "the mask has no padding");
+    codir_mean_pool_forward(out_x, x, mask, B, T, C);
+    codir_mean_pool_forward(out_y, y, mask, B, T, C);
+    CHECK(count_different(out_x, out_y, B * C) == 0, "changing padded values changed %zu pooled values",
+          count_different(out_x, out_y, B * C));
+
+    /* Padded positions get no gradient: their buffer entries stay as they were. */
+    codir_mean_pool_backward(dx, dy, mask, B, T, C);
+    for (i = 0; i < B * T * C; i++)
+        if (!mask[i / C]) CHECK(dx[i] == dx0[i], "padded position %d got gradient %g", i / C, (double)(dx[i] - dx0[i]));
+    free_buffers();
+}
+
+typedef struct concat_case {
+    double *xs[3], *dy, *out;
+    const int *widths;
+    int count, N;
+} concat_case;
+
+static double concat_loss(const void *p)
+{
+    const concat_case *c = (const concat_case *)p;
+    int total = 0, i;
+    for (i = 0; i < c->count; i++) total += c->widths[i];
+    ref_concat(c->out, (const double *const *)c->xs, c->widths, c->count, c->N);
+    return dot(c->dy, c->out, (size_t)c->N * total);
+}
+
+static void test_concat(void)
+{
+    static const int width_sets[][3] = {{3, 1, 0}, {1, 5, 2}, {16, 7, 0}};
+    static const int counts[] = {2, 3, 2};
+    static const int rows[] = {1, 3};
+    unsigned long long rng = 124;
+    int s, r, i;
+    for (s = 0; s < 3; s++)
+        for (r = 0; r < 2; r++) {
+            int count = counts[s], N = rows[r], total = 0;
+            const int *widths = width_sets[s];
+            float *xs[3], *dxs[3], *dxs0[3], *out, *dy;
+            double *want;
+            concat_case c;
+            for (i = 0; i < count; i++) {
+                size_t n = (size_t)N * widths[i];
+                xs[i] = random_floats(n, &rng, -1, 1);
+                dxs[i] = random_floats(n, &rng, -0.5, 0.5);
+                dxs0[i] = copy_floats(dxs[i], n);
+                c.xs[i] = widen(xs[i], n);
+                total += widths[i];
+            }
+            out = new_floats((size_t)N * total);
+            dy = random_floats((size_t)N * total, &rng, -1, 1);
+            want = new_doubles((size_t)N * total);
+            c.dy = widen(dy, (size_t)N * total);
+            c.out = new_doubles((size_t)N * total);
+            c.widths = widths;
+            c.count = count;
+            c.N = N;
+            codir_concat_forward(out, (const float *const *)xs, widths, count, N);
+            ref_concat(want, (const double *const *)c.xs, widths, count, N);
+            check_close(label("out count=%d N=%d", count, N), out, want, (size_t)N * total, 0, 0);
+            codir_concat_backward(dxs, dy, widths, count, N);
+            for (i = 0; i < count; i++)
+                check_fd(label("dinp %d of %d, N=%d", i, count, N), concat_loss, &c, c.xs[i], (size_t)N * widths[i],
+                         dxs[i], dxs0[i]);
+
+            /* A NULL gradient output is skipped and the others still receive theirs. */
+            for (i = 0; i < count; i++) memcpy(dxs[i], dxs0[i], (size_t)N * widths[i] * sizeof(float));
+            {
+                float *only_last[3] = {NULL, NULL, NULL};
+                only_last[count - 1] = dxs[count - 1];
+                codir_concat_backward(only_last, dy, widths, count, N);
+                check_fd(label("last input alone, count=%d N=%d", count, N), concat_loss, &c, c.xs[count - 1],
+                         (size_t)N * widths[count - 1], dxs[count - 1], dxs0[count - 1]);
+            }
+        }
+    free_buffers();
+}
+
+/* ---- L2 normalization ---- */
+
+#define NORMALIZE_EPS 1e-12f
+
+typedef struct normalize_case {
+    double *x, *dy, *out;
+    int N, C;
+} normalize_case;
+
+static double normalize_loss(const void *p)
+{
+    const normalize_case *c = (const normalize_case *)p;
+    ref_l2_normalize(c->out, NULL, c->x, c->N, c->C, NORMALIZE_EPS);
+    return dot(c->dy, c->out, (size_t)c->N * c->C);
+}
+
+static void test_l2_normalize(void)
+{
+    static const int shapes[][2] = {{1, 1}, {3, 5}, {3, 16}, {7, 2}};
+    unsigned long long rng = 125;
+    size_t s;
+    for (s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int N = shapes[s][0], C = shapes[s][1];
+        size_t n = (size_t)N * C;
+        float *x = random_floats(n, &rng, 0.1, 1), *out = new_floats(n), *norm = new_floats((size_t)N);
+        float *dy = random_floats(n, &rng, -1, 1), *dx = random_floats(n, &rng, -0.5, 0.5), *dx0 = copy_floats(dx, n);
+        double *want = new_doubles(n), *want_norm = new_doubles((size_t)N);
+        normalize_case c;
+        size_t i;
+        for (i = 0; i < n; i += 2) x[i] = -x[i];
+        codir_l2_normalize_forward(out, norm, x, N, C, NORMALIZE_EPS);
+        c.x = widen(x, n);
+        c.dy = widen(dy, n);
+        c.out = new_doubles(n);
+        c.N = N;
+        c.C = C;
+        ref_l2_normalize(want, want_norm, c.x, N, C, NORMALIZE_EPS);
+        check_close(label("out N=%d C=%d", N, C), out, want, n, 1e-6, 1e-5);
+        check_close(label("norm N=%d C=%d", N, C), norm, want_norm, (size_t)N, 1e-6, 1e-6);
+        codir_l2_normalize_backward(dx, dy, out, norm, N, C, NORMALIZE_EPS);
+        check_fd(label("dinp N=%d C=%d", N, C), normalize_loss, &c, c.x, n, dx, dx0);
+    }
+    free_buffers();
+}
+
+static void test_l2_normalize_zero(void)
+{
+    enum { N = 2, C = 4 };
+    unsigned long long rng = 126;
+    float *x = random_floats(N * C, &rng, -1, 1), *out = new_floats(N * C), *norm = new_floats(N);
+    float *dy = random_floats(N * C, &rng, -1, 1), *dx = new_floats(N * C);
+    double *want = new_doubles(C);
+    int c;
+    for (c = 0; c < C; c++) x[c] = 0.0f;
+    codir_l2_normalize_forward(out, norm, x, N, C, NORMALIZE_EPS);
+    CHECK(all_finite(out, N * C), "normalizing a zero row gave NaN or Inf");
+    for (c = 0; c < C; c++) CHECK(out[c] == 0.0f, "zero row normalized to %g at %d, want 0", (double)out[c], c);
+    CHECK(norm[0] == 0.0f, "norm of a zero row = %g", (double)norm[0]);
+
+    /* Below the clamp, out = x / eps, as torch.nn.functional.normalize. */
+    codir_l2_normalize_backward(dx, dy, out, norm, N, C, NORMALIZE_EPS);
+    CHECK(all_finite(dx, N * C), "gradient at a zero row has NaN or Inf");
+    for (c = 0; c < C; c++) want[c] = (double)dy[c] / (double)NORMALIZE_EPS;
+    check_close("dinp of the zero row", dx, want, C, 0, 1e-5);
+    free_buffers();
+}
+
+/* ---- losses ---- */
+
+typedef struct ce_case {
+    double *logits;
+    const int *targets;
+    int N, V;
+    double dloss;
+} ce_case;
+
+static double ce_loss(const void *p)
+{
+    const ce_case *c = (const ce_case *)p;
+    return c->dloss * ref_cross_entropy(c->logits, c->targets, c->N, c->V);
+}
+
+static void test_cross_entropy(void)
+{
+    static const int shapes[][2] = {{1, 1}, {1, 5}, {3, 5}, {7, 16}, {3, 2}};
+    unsigned long long rng = 127;
+    size_t s;
+    for (s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int N = shapes[s][0], V = shapes[s][1], i;
+        size_t n = (size_t)N * V;
+        float *logits = random_floats(n, &rng, -3, 3), *probs = new_floats(n);
+        float *dl = random_floats(n, &rng, -0.5, 0.5), *dl0 = copy_floats(dl, n);
+        double *want_probs = new_doubles(n), loss, want;
+        int *targets = new_ints((size_t)N);
+        ce_case c;
+        for (i = 0; i < N; i++) targets[i] = (int)check_uniform(&rng, 0, V);
+        c.logits = widen(logits, n);
+        c.targets = targets;
+        c.N = N;
+        c.V = V;
+        c.dloss = check_uniform(&rng, 0.5, 1.5);
+        loss = codir_cross_entropy_forward(probs, logits, targets, N, V);
+        want = ref_cross_entropy(c.logits, targets, N, V);
+        CHECK(fabs(loss - want) <= 1e-6 + 1e-5 * fabs(want), "N=%d V=%d: loss %.9g, want %.9g", N, V, loss, want);
+        ref_softmax(want_probs, c.logits, N, V);
+        check_close(label("probs N=%d V=%d", N, V), probs, want_probs, n, 1e-6, 1e-5);
+        codir_cross_entropy_backward(dl, probs, targets, (float)c.dloss, N, V);
+        check_fd(label("dlogits N=%d V=%d", N, V), ce_loss, &c, c.logits, n, dl, dl0);
+    }
+    free_buffers();
+}
+
+static void test_cross_entropy_extreme(void)
+{
+    static const float logits[] = {1e4f, -1e4f, 1e4f, -1e4f, 1e4f, 9999.0f, -1e4f};
+    static const int targets1[] = {1}, targets0[] = {0};
+    float probs[3], dl[3] = {0, 0, 0};
+    double loss, want;
+    int target = 1;
+    double row[3];
+
+    /* log(softmax) would give log(0) = -inf; the fused form gives exactly 2e4. */
+    loss = codir_cross_entropy_forward(probs, logits, targets1, 1, 2);
+    CHECK(fabs(loss - 2e4) <= 1e-3, "logits {1e4, -1e4}, target 1: loss %.9g, want 2e4", loss);
+    CHECK(probs[0] == 1.0f, "probs[0] = %g, want 1", (double)probs[0]);
+    CHECK(probs[1] == 0.0f, "probs[1] = %g, want 0", (double)probs[1]);
+    codir_cross_entropy_backward(dl, probs, targets1, 1.0f, 1, 2);
+    CHECK(dl[0] == 1.0f, "dlogits[0] = %g, want 1", (double)dl[0]);
+    CHECK(dl[1] == -1.0f, "dlogits[1] = %g, want -1", (double)dl[1]);
+
+    loss = codir_cross_entropy_forward(probs, logits, targets0, 1, 2);
+    CHECK(loss == 0.0, "logits {1e4, -1e4}, target 0: loss %.9g, want 0", loss);
+
+    /* Two close large logits and one far below. */
+    for (target = 0; target < 3; target++) {
+        int i;
+        for (i = 0; i < 3; i++) row[i] = logits[4 + i];
+        want = ref_cross_entropy(row, &target, 1, 3);
+        loss = codir_cross_entropy_forward(probs, logits + 4, &target, 1, 3);
+        CHECK(fabs(loss - want) <= 1e-4 + 1e-6 * want, "target %d: loss %.9g, want %.9g", target, loss, want);
+    }
+}
+
+typedef struct mse_case {
+    double *pred, *target;
+    int n;
+    double dloss;
+} mse_case;
+
+static double mse_loss(const void *p)
+{
+    const mse_case *c = (const mse_case *)p;
+    return c->dloss * ref_mse(c->pred, c->target, c->n);
+}
+
+static void test_mse(void)
+{
+    static const int sizes[] = {1, 7, 33};
+    unsigned long long rng = 128;
+    size_t s;
+    for (s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
+        int n = sizes[s];
+        float *pred = random_floats((size_t)n, &rng, -2, 2), *target = random_floats((size_t)n, &rng, -2, 2);
+        float *dp = random_floats((size_t)n, &rng, -0.5, 0.5), *dp0 = copy_floats(dp, (size_t)n);
+        mse_case c;
+        double loss, want;
+        c.pred = widen(pred, (size_t)n);
+        c.target = widen(target, (size_t)n);
+        c.n = n;
+        c.dloss = check_uniform(&rng, 0.5, 1.5);
+        loss = codir_mse_forward(pred, target, n);
+        want = ref_mse(c.pred, c.target, n);
+        CHECK(fabs(loss - want) <= 1e-6 + 1e-5 * want, "n=%d: loss %.9g, want %.9g", n, loss, want);
+        codir_mse_backward(dp, pred, target, (float)c.dloss, n);
+        check_fd(label("dpred n=%d", n), mse_loss, &c, c.pred, (size_t)n, dp, dp0);
+    }
+    free_buffers();
+}
+
+typedef struct kl_case {
+    double *student, *teacher;
+    int N, V;
+    double temperature, dloss;
+} kl_case;
+
+static double kl_loss(const void *p)
+{
+    const kl_case *c = (const kl_case *)p;
+    return c->dloss * ref_kl(c->student, c->teacher, c->N, c->V, c->temperature);
+}
+
+static void test_kl(void)
+{
+    static const int shapes[][2] = {{1, 1}, {1, 5}, {3, 5}, {3, 16}};
+    static const float temperatures[] = {1.0f, 2.0f, 4.0f};
+    unsigned long long rng = 129;
+    size_t s, k;
+    for (s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (k = 0; k < 3; k++) {
+            int N = shapes[s][0], V = shapes[s][1];
+            size_t n = (size_t)N * V;
+            float T = temperatures[k];
+            float *student = random_floats(n, &rng, -4, 4), *teacher = random_floats(n, &rng, -4, 4);
+            float *ps = new_floats(n), *pt = new_floats(n);
+            float *ds = random_floats(n, &rng, -0.5, 0.5), *ds0 = copy_floats(ds, n);
+            double *want_ps = new_doubles(n), *want_pt = new_doubles(n), *scaled = new_doubles(n), loss, want;
+            kl_case c;
+            size_t i;
+            c.student = widen(student, n);
+            c.teacher = widen(teacher, n);
+            c.N = N;
+            c.V = V;
+            c.temperature = T;
+            c.dloss = check_uniform(&rng, 0.5, 1.5);
+            loss = codir_kl_div_forward(ps, pt, student, teacher, N, V, T);
+            want = ref_kl(c.student, c.teacher, N, V, T);
+            CHECK(fabs(loss - want) <= 1e-6 + 1e-5 * fabs(want), "N=%d V=%d T=%g: loss %.9g, want %.9g", N, V,
+                  (double)T, loss, want);
+
+            /* ps and pt are the softened distributions softmax(logits / T). */
+            for (i = 0; i < n; i++) scaled[i] = c.student[i] / T;
+            ref_softmax(want_ps, scaled, N, V);
+            for (i = 0; i < n; i++) scaled[i] = c.teacher[i] / T;
+            ref_softmax(want_pt, scaled, N, V);
+            check_close(label("ps N=%d V=%d T=%g", N, V, (double)T), ps, want_ps, n, 1e-6, 1e-5);
+            check_close(label("pt N=%d V=%d T=%g", N, V, (double)T), pt, want_pt, n, 1e-6, 1e-5);
+
+            codir_kl_div_backward(ds, ps, pt, (float)c.dloss, N, V, T);
+            check_fd(label("dstudent N=%d V=%d T=%g", N, V, (double)T), kl_loss, &c, c.student, n, ds, ds0);
+        }
+    free_buffers();
+}
+
+/* Returns sum_v p[v] log(p[v] / q[v]) of two 3-way distributions given by logits. */
+static double kl_of_logits(const double *p_logits, const double *q_logits, double temperature)
+{
+    double p[3], q[3], s = 0.0;
+    int v;
+    for (v = 0; v < 3; v++) {
+        p[v] = p_logits[v] / temperature;
+        q[v] = q_logits[v] / temperature;
+    }
+    ref_softmax(p, p, 1, 3);
+    ref_softmax(q, q, 1, 3);
+    for (v = 0; v < 3; v++) s += p[v] * log(p[v] / q[v]);
+    return s;
+}
+
+static void test_kl_direction(void)
+{
+    /* A peaked teacher and a flatter student, where KL(t||s) and KL(s||t) differ. */
+    static const float teacher[] = {4.0f, 0.0f, -2.0f};
+    static const float student[] = {0.0f, 1.5f, -0.5f};
+    double t[3], s[3], ts, st, loss;
+    float ps[3], pt[3];
+    int v;
+    for (v = 0; v < 3; v++) {
+        t[v] = teacher[v];
+        s[v] = student[v];
+    }
+    ts = kl_of_logits(t, s, 1.0);
+    st = kl_of_logits(s, t, 1.0);
+    CHECK(fabs(ts - st) > 0.1, "test data too symmetric: KL(t||s) %g, KL(s||t) %g", ts, st);
+    loss = codir_kl_div_forward(ps, pt, student, teacher, 1, 3, 1.0f);
+    CHECK(fabs(loss - ts) <= 1e-5 * ts, "loss %.9g, want KL(p_t || p_s) = %.9g (KL(p_s || p_t) = %.9g)", loss, ts, st);
+}
+
+static void test_kl_temperature(void)
+{
+    /* Two rows at T = 2: the loss is 4 * mean KL(p_t || p_s) of the softened rows. */
+    static const float teacher[] = {4.0f, 0.0f, -2.0f, -1.0f, 2.5f, 0.5f};
+    static const float student[] = {0.0f, 1.5f, -0.5f, 1.0f, 0.0f, -3.0f};
+    double t[6], s[6], want, loss;
+    float ps[6], pt[6], ds[6] = {0, 0, 0, 0, 0, 0};
+    double numeric[6];
+    kl_case c;
+    int v;
+    for (v = 0; v < 6; v++) {
+        t[v] = teacher[v];
+        s[v] = student[v];
+    }
+    want = 4.0 * (kl_of_logits(t, s, 2.0) + kl_of_logits(t + 3, s + 3, 2.0)) / 2.0;
+    loss = codir_kl_div_forward(ps, pt, student, teacher, 2, 3, 2.0f);
+    CHECK(fabs(loss - want) <= 1e-5 * want, "T=2: loss %.9g, want 4 * mean KL = %.9g", loss, want);
+
+    /* The gradient carries the same T^2: T (p_s - p_t) / N per logit. */
+    c.student = s;
+    c.teacher = t;
+    c.N = 2;
+    c.V = 3;
+    c.temperature = 2.0;
+    c.dloss = 1.0;
+    codir_kl_div_backward(ds, ps, pt, 1.0f, 2, 3, 2.0f);
+    central_diff(kl_loss, &c, s, 6, numeric);
+    check_close("dstudent T=2", ds, numeric, 6, 1e-5, 1e-4);
+}
+
+typedef struct infonce_case {
+    double *zs, *zt, *bank;
+    const int *neg;
+    int B, D, K;
+    double tau, dloss;
+} infonce_case;
+
+static double infonce_loss(const void *p)
+{
+    const infonce_case *c = (const infonce_case *)p;
+    return c->dloss * ref_infonce(NULL, c->zs, c->zt, c->bank, c->neg, c->B, c->D, c->K, c->tau);
+}
+
+/* Runs the InfoNCE forward and backward on unit vectors and checks both. */
+static void run_infonce_case(int B, int D, int K, int bank_rows, float tau, unsigned long long *rng)
+{
+    size_t nz = (size_t)B * D, np = (size_t)B * (K + 1);
+    float *zs = random_floats(nz, rng, -1, 1), *zt = random_floats(nz, rng, -1, 1);
+    float *bank = random_floats((size_t)bank_rows * D, rng, -1, 1), *probs = new_floats(np);
+    float *dzs = random_floats(nz, rng, -0.5, 0.5), *dzs0 = copy_floats(dzs, nz);
+    float *dzt = random_floats(nz, rng, -0.5, 0.5), *dzt0 = copy_floats(dzt, nz);
+    int *neg = new_ints((size_t)B * (K ? K : 1)), i;
+    double *want_probs = new_doubles(np), loss, want;
+    infonce_case c;
+    normalize_rows(zs, B, D);
+    normalize_rows(zt, B, D);
+    normalize_rows(bank, bank_rows, D);
+    for (i = 0; i < B * K; i++) neg[i] = (int)check_uniform(rng, 0, bank_rows);
+    c.zs = widen(zs, nz);
+    c.zt = widen(zt, nz);
+    c.bank = widen(bank, (size_t)bank_rows * D);
+    c.neg = neg;
+    c.B = B;
+    c.D = D;
+    c.K = K;
+    c.tau = tau;
+    c.dloss = check_uniform(rng, 0.5, 1.5);
+    loss = codir_infonce_forward(probs, zs, zt, bank, neg, B, D, K, tau);
+    want = ref_infonce(want_probs, c.zs, c.zt, c.bank, neg, B, D, K, tau);
+    CHECK(fabs(loss - want) <= 1e-4 + 1e-5 * fabs(want), "B=%d D=%d K=%d tau=%g: loss %.9g, want %.9g", B, D, K,
+          (double)tau, loss, want);
+    check_close(label("probs B=%d D=%d K=%d tau=%g", B, D, K, (double)tau), probs, want_probs, np, 1e-6, 1e-4);
+    codir_infonce_backward(dzs, dzt, probs, zs, zt, bank, neg, (float)c.dloss, B, D, K, tau);
+    check_fd(label("dzs B=%d D=%d K=%d tau=%g", B, D, K, (double)tau), infonce_loss, &c, c.zs, nz, dzs, dzs0);
+    check_fd(label("dzt B=%d D=%d K=%d tau=%g", B, D, K, (double)tau), infonce_loss, &c, c.zt, nz, dzt, dzt0);
+}
+
+static void test_infonce(void)
+{
+    static const int shapes[][3] = {{1, 1, 1}, {3, 5, 4}, {3, 16, 1}, {2, 7, 0}, {4, 16, 9}};
+    static const float taus[] = {0.5f, 0.07f};
+    unsigned long long rng = 130;
+    size_t s, t;
+    for (s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (t = 0; t < 2; t++) run_infonce_case(shapes[s][0], shapes[s][1], shapes[s][2], 9, taus[t], &rng);
+    free_buffers();
+}
+
+static void test_infonce_small_tau(void)
+{
+    /* At tau = 0.07, exp(1 / tau) = 1.6e6 already wastes float32 range; at tau = 1e-3,
+       exp(1 / tau) overflows even float64, so only a log-space form stays finite. */
+    unsigned long long rng = 131;
+    run_infonce_case(4, 128, 16, 40, 0.07f, &rng);
+    run_infonce_case(4, 32, 16, 40, 1e-3f, &rng);
+    free_buffers();
+}
+
+/* ===================================================================================
+   Autograd tests
+   =================================================================================== */
+
+/* Returns the float64 copy of parameter t within the flat copy `values` of params. */
+static const double *param_values(const codir_params *params, const codir_tensor *t, const double *values)
+{
+    return values + (t->data - params->data);
+}
+
+static void fill_params(codir_params *params, unsigned long long *rng)
+{
+    size_t i;
+    for (i = 0; i < params->count; i++) params->data[i] = (float)check_uniform(rng, -0.8, 0.8);
+}
+
+/* ---- graph 1: a tiny encoder with a classifier ----
+
+   e = embedding(ids, types)                      [B,T,C]
+   a = attention(linear(e, wqkv, bqkv), mask)     [B,T,C]
+   n = layernorm(a + e)                           [B,T,C]
+   u = gelu(linear(n, w1, b1))                    [B,T,F]
+   z = tanh(linear([first(u), mean_pool(u)], w2, b2))  [B,C]
+   loss = cross_entropy(linear(z, w3), labels)    (no bias on the last layer) */
+
+enum { G_B = 2, G_T = 3, G_V = 7, G_P = 4, G_TV = 2, G_C = 4, G_NH = 2, G_F = 5, G_L = 3 };
+#define G_EPS 1e-5f
+
+enum { P_TOK, P_POS, P_TYPE, P_WQKV, P_BQKV, P_LNG, P_LNB, P_W1, P_B1, P_W2, P_B2, P_W3, NUM_ENCODER_PARAMS };
+
+static const int g_ids[G_B * G_T] = {1, 5, 5, 3, 1, 6};
+static const int g_types[G_B * G_T] = {0, 0, 1, 0, 1, 1};
+static const int g_mask[G_B * G_T] = {1, 1, 1, 1, 1, 0};
+static const int g_labels[G_B] = {2, 0};
+
+typedef struct encoder_graph {
+    codir_params params;
+    codir_itensor ids, types, mask, labels;
+    codir_tensor *outputs[16]; /* every op output of the last forward pass */
+    int num_outputs;
+} encoder_graph;
+
+static void set_itensor(codir_itensor *t, const int *data, int ndim, int d0, int d1)
+{
+    memset(t, 0, sizeof *t);
+    t->data = (int *)data;
+    t->ndim = ndim;
+    t->shape[0] = d0;
+    t->shape[1] = ndim > 1 ? d1 : 1;
+    t->shape[2] = 1;
+    t->shape[3] = 1;
+    t->numel = (size_t)d0 * (ndim > 1 ? d1 : 1);
+}
+
+static int encoder_init(encoder_graph *g, unsigned long long seed)
+{
+    codir_param_spec specs[NUM_ENCODER_PARAMS] = {
+        {"tok", 2, {G_V, G_C, 1, 1}, 0},          {"pos", 2, {G_P, G_C, 1, 1}, 0},
+        {"type", 2, {G_TV, G_C, 1, 1}, 0},        {"wqkv", 2, {3 * G_C, G_C, 1, 1}, 0},
+        {"bqkv", 1, {3 * G_C, 1, 1, 1}, 1},       {"ln.gamma", 1, {G_C, 1, 1, 1}, 1},
+        {"ln.beta", 1, {G_C, 1, 1, 1}, 1},        {"w1", 2, {G_F, G_C, 1, 1}, 0},
+        {"b1", 1, {G_F, 1, 1, 1}, 1},             {"w2", 2, {G_C, 2 * G_F, 1, 1}, 0},
+        {"b2", 1, {G_C, 1, 1, 1}, 1},             {"w3", 2, {G_L, G_C, 1, 1}, 0},
+    };
+    unsigned long long rng = seed;
+    int rc = codir_params_init(&g->params, specs, NUM_ENCODER_PARAMS), c;
+    if (rc) return rc;
+    fill_params(&g->params, &rng);
+    for (c = 0; c < G_C; c++) g->params.tensors[P_LNG].data[c] = (float)check_uniform(&rng, 0.7, 1.3);
+    set_itensor(&g->ids, g_ids, 2, G_B, G_T);
+    set_itensor(&g->types, g_types, 2, G_B, G_T);
+    set_itensor(&g->mask, g_mask, 2, G_B, G_T);
+    set_itensor(&g->labels, g_labels, 1, G_B, 1);
+    return CODIR_OK;
+}
+
+static codir_tensor *encoder_forward(codir_ctx *ctx, void *graph)
+{
+    encoder_graph *g = (encoder_graph *)graph;
+    codir_tensor *p = g->params.tensors, *e, *qkv, *a, *r, *n, *h, *u, *pools[2], *pooled, *z0, *z, *logits, *loss;
+    e = codir_embedding(ctx, &g->ids, &g->types, &p[P_TOK], &p[P_POS], &p[P_TYPE]);
+    qkv = codir_linear(ctx, e, &p[P_WQKV], &p[P_BQKV]);
+    a = codir_attention(ctx, qkv, &g->mask, G_NH);
+    r = codir_add(ctx, a, e);
+    n = codir_layernorm(ctx, r, &p[P_LNG], &p[P_LNB], G_EPS);
+    h = codir_linear(ctx, n, &p[P_W1], &p[P_B1]);
+    u = codir_gelu(ctx, h);
+    pools[0] = codir_select_first(ctx, u);
+    pools[1] = codir_mean_pool(ctx, u, &g->mask);
+    pooled = codir_concat(ctx, pools, 2);
+    z0 = codir_linear(ctx, pooled, &p[P_W2], &p[P_B2]);
+    z = codir_tanh(ctx, z0);
+    logits = codir_linear(ctx, z, &p[P_W3], NULL);
+    loss = codir_cross_entropy(ctx, logits, &g->labels);
+    {
+        codir_tensor *all[] = {e, qkv, a, r, n, h, u, pools[0], pools[1], pooled, z0, z, logits, loss};
+        g->num_outputs = (int)(sizeof all / sizeof all[0]);
+        memcpy(g->outputs, all, sizeof all);
+    }
+    return loss;
+}
+
+/* A graph and a float64 copy of its parameters, laid out as params.data. */
+typedef struct graph_values {
+    const void *graph;
+    double *values;
+} graph_values;
+
+/* The encoder graph in float64. */
+static double encoder_reference(const void *p)
+{
+    const graph_values *gv = (const graph_values *)p;
+    const encoder_graph *g = (const encoder_graph *)gv->graph;
+    const codir_params *ps = &g->params;
+    const codir_tensor *t = ps->tensors;
+    const double *v = gv->values;
+    double e[G_B * G_T * G_C], qkv[G_B * G_T * 3 * G_C], a[G_B * G_T * G_C], n[G_B * G_T * G_C];
+    double h[G_B * G_T * G_F], first[G_B * G_F], mean[G_B * G_F], pooled[G_B * 2 * G_F], z[G_B * G_C];
+    double logits[G_B * G_L];
+    const double *pools[2];
+    int widths[2] = {G_F, G_F}, i;
+    ref_embedding(e, g_ids, g_types, param_values(ps, &t[P_TOK], v), param_values(ps, &t[P_POS], v),
+                  param_values(ps, &t[P_TYPE], v), G_B, G_T, G_C);
+    ref_linear(qkv, e, param_values(ps, &t[P_WQKV], v), param_values(ps, &t[P_BQKV], v), G_B * G_T, G_C, 3 * G_C);
+    ref_attention(a, NULL, qkv, g_mask, G_B, G_T, G_C, G_NH);
+    for (i = 0; i < G_B * G_T * G_C; i++) a[i] += e[i];
+    ref_layernorm(n, NULL, NULL, a, param_values(ps, &t[P_LNG], v), param_values(ps, &t[P_LNB], v), G_B * G_T, G_C,
+                  G_EPS);
+    ref_linear(h, n, param_values(ps, &t[P_W1], v), param_values(ps, &t[P_B1], v), G_B * G_T, G_C, G_F);
+    for (i = 0; i < G_B * G_T * G_F; i++) h[i] = ref_gelu(h[i]);
+    ref_select_first(first, h, G_B, G_T, G_F);
+    ref_mean_pool(mean, h, g_mask, G_B, G_T, G_F);
+    pools[0] = first;
+    pools[1] = mean;
+    ref_concat(pooled, pools, widths, 2, G_B);
+    ref_linear(z, pooled, param_values(ps, &t[P_W2], v), param_values(ps, &t[P_B2], v), G_B, 2 * G_F, G_C);
+    for (i = 0; i < G_B * G_C; i++) z[i] = tanh(z[i]);
+    ref_linear(logits, z, param_values(ps, &t[P_W3], v), NULL, G_B, G_C, G_L);
+    return ref_cross_entropy(logits, g_labels, G_B, G_L);
+}
+
+/* ---- graph 2: the distillation losses ----
+
+   zs = l2_normalize(linear(xs, ws)), zt = l2_normalize(linear(xt, wt))
+   s = linear(xs, wc, bc)
+   loss = 0.3 infonce(zs, zt, bank, neg) + 0.5 kl_div(s, teacher, T = 2)
+        + 0.2 mse(softmax(s), target)     (plus a NULL term of weight 0) */
+
+enum { L_B = 3, L_CS = 5, L_CT = 6, L_D = 4, L_LC = 3, L_R = 7, L_K = 3 };
+#define L_TAU 0.1f
+#define L_TEMPERATURE 2.0f
+
+enum { P_WS, P_WT, P_WC, P_BC, NUM_LOSS_PARAMS };
+
+static const int l_neg[L_B * L_K] = {0, 4, 6, 2, 2, 5, 1, 3, 0};
+static const float l_weights[4] = {0.3f, 0.0f, 0.5f, 0.2f};
+
+typedef struct loss_graph {
+    codir_params params;
+    float xs[L_B * L_CS], xt[L_B * L_CT], teacher[L_B * L_LC], target[L_B * L_LC], bank[L_R * L_D];
+    codir_tensor *outputs[16];
+    int num_outputs;
+} loss_graph;
+
+static int loss_graph_init(loss_graph *g, unsigned long long seed)
+{
+    codir_param_spec specs[NUM_LOSS_PARAMS] = {
+        {"ws", 2, {L_D, L_CS, 1, 1}, 0},
+        {"wt", 2, {L_D, L_CT, 1, 1}, 0},
+        {"wc", 2, {L_LC, L_CS, 1, 1}, 0},
+        {"bc", 1, {L_LC, 1, 1, 1}, 1},
+    };
+    unsigned long long rng = seed;
+    int rc = codir_params_init(&g->params, specs, NUM_LOSS_PARAMS), i;
+    if (rc) return rc;
+    fill_params(&g->params, &rng);
+    for (i = 0; i < L_B * L_CS; i++) g->xs[i] = (float)check_uniform(&rng, -1, 1);
+    for (i = 0; i < L_B * L_CT; i++) g->xt[i] = (float)check_uniform(&rng, -1, 1);
+    for (i = 0; i < L_B * L_LC; i++) g->teacher[i] = (float)check_uniform(&rng, -3, 3);
+    for (i = 0; i < L_B * L_LC; i++) g->target[i] = (float)check_uniform(&rng, 0, 1);
+    for (i = 0; i < L_R * L_D; i++) g->bank[i] = (float)check_uniform(&rng, -1, 1);
+    normalize_rows(g->bank, L_R, L_D);
+    return CODIR_OK;
+}
+
+/* Returns a tensor without gradient holding a copy of data[d0 * d1]. */
+static codir_tensor *input_tensor(codir_ctx *ctx, const float *data, int d0, int d1)
+{
+    int shape[2];
+    codir_tensor *t;
+    shape[0] = d0;
+    shape[1] = d1;
+    t = codir_tensor_new(ctx, 2, shape, 0);
+    if (t) memcpy(t->data, data, (size_t)d0 * d1 * sizeof(float));
+    return t;
+}
+
+static codir_tensor *loss_graph_forward(codir_ctx *ctx, void *graph)
+{
+    loss_graph *g = (loss_graph *)graph;
+    codir_tensor *p = g->params.tensors;
+    codir_tensor *xs = input_tensor(ctx, g->xs, L_B, L_CS), *xt = input_tensor(ctx, g->xt, L_B, L_CT);
+    codir_tensor *teacher = input_tensor(ctx, g->teacher, L_B, L_LC);
+    codir_tensor *ps, *pt, *zs, *zt, *crd, *s, *kd, *sm, *reg, *terms[4], *total;
+    ps = codir_linear(ctx, xs, &p[P_WS], NULL);
+    zs = codir_l2_normalize(ctx, ps);
+    pt = codir_linear(ctx, xt, &p[P_WT], NULL);
+    zt = codir_l2_normalize(ctx, pt);
+    crd = codir_infonce(ctx, zs, zt, g->bank, L_R, l_neg, L_K, L_TAU);
+    s = codir_linear(ctx, xs, &p[P_WC], &p[P_BC]);
+    kd = codir_kl_div(ctx, s, teacher, L_TEMPERATURE);
+    sm = codir_softmax(ctx, s);
+    reg = codir_mse(ctx, sm, g->target);
+    terms[0] = crd;
+    terms[1] = NULL;
+    terms[2] = kd;
+    terms[3] = reg;
+    total = codir_weighted_sum(ctx, terms, l_weights, 4);
+    {
+        codir_tensor *all[] = {ps, zs, pt, zt, crd, s, kd, sm, reg, total};
+        g->num_outputs = (int)(sizeof all / sizeof all[0]);
+        memcpy(g->outputs, all, sizeof all);
+    }
+    return total;
+}
+
+static double loss_graph_reference(const void *p)
+{
+    const graph_values *gv = (const graph_values *)p;
+    const loss_graph *g = (const loss_graph *)gv->graph;
+    const codir_params *ps = &g->params;
+    const codir_tensor *t = ps->tensors;
+    const double *v = gv->values;
+    double xs[L_B * L_CS], xt[L_B * L_CT], teacher[L_B * L_LC], target[L_B * L_LC], bank[L_R * L_D];
+    double zs[L_B * L_D], zt[L_B * L_D], s[L_B * L_LC], sm[L_B * L_LC], crd, kd, reg;
+    int i;
+    for (i = 0; i < L_B * L_CS; i++) xs[i] = g->xs[i];
+    for (i = 0; i < L_B * L_CT; i++) xt[i] = g->xt[i];
+    for (i = 0; i < L_B * L_LC; i++) teacher[i] = g->teacher[i];
+    for (i = 0; i < L_B * L_LC; i++) target[i] = g->target[i];
+    for (i = 0; i < L_R * L_D; i++) bank[i] = g->bank[i];
+    ref_linear(zs, xs, param_values(ps, &t[P_WS], v), NULL, L_B, L_CS, L_D);
+    ref_l2_normalize(zs, NULL, zs, L_B, L_D, NORMALIZE_EPS);
+    ref_linear(zt, xt, param_values(ps, &t[P_WT], v), NULL, L_B, L_CT, L_D);
+    ref_l2_normalize(zt, NULL, zt, L_B, L_D, NORMALIZE_EPS);
+    crd = ref_infonce(NULL, zs, zt, bank, l_neg, L_B, L_D, L_K, L_TAU);
+    ref_linear(s, xs, param_values(ps, &t[P_WC], v), param_values(ps, &t[P_BC], v), L_B, L_CS, L_LC);
+    kd = ref_kl(s, teacher, L_B, L_LC, L_TEMPERATURE);
+    ref_softmax(sm, s, L_B, L_LC);
+    reg = ref_mse(sm, target, L_B * L_LC);
+    return (double)l_weights[0] * crd + (double)l_weights[2] * kd + (double)l_weights[3] * reg;
+}
+
+/* ---- the checks shared by both graphs ---- */
+
+typedef struct graph_kind {
+    const char *name;
+    codir_tensor *(*forward)(codir_ctx *ctx, void *graph);
+    loss_fn reference; /* reads a graph_values */
+    codir_params *params;
+    codir_tensor **outputs;
+    int *num_outputs;
+} graph_kind;
+
+static int make_ctx(codir_ctx *ctx)
+{
+    int rc = codir_ctx_init(ctx, (size_t)1 << 20, 2024);
+    CHECK(rc == CODIR_OK, "codir_ctx_init returned %d: %s", rc, codir_last_error());
+    return rc == CODIR_OK;
+}
+
+/* Runs the forward pass with recording on, zeroes the parameter gradients when
+   zero_first is 1, and runs a backward pass seeded with `seed`. Returns the loss
+   value, or NaN after a failed check. */
+static double forward_backward(codir_ctx *ctx, const graph_kind *k, void *graph, float seed, int zero_first)
+{
+    codir_tensor *loss;
+    int rc;
+    codir_ctx_begin(ctx, 1, 0, 0);
+    loss = k->forward(ctx, graph);
+    CHECK(loss != NULL, "%s: forward failed (status %d): %s", k->name, ctx->status, codir_last_error());
+    if (!loss) return NAN;
+    if (zero_first) codir_params_zero_grad(k->params);
+    rc = seed == 1.0f ? codir_backward(ctx, loss) : codir_backward_scaled(ctx, loss, seed);
+    CHECK(rc == CODIR_OK, "%s: backward returned %d: %s", k->name, rc, codir_last_error());
+    return loss->data[0];
+}
+
+static void check_graph_gradients(const graph_kind *k, void *graph)
+{
+    codir_ctx ctx;
+    codir_params *params = k->params;
+    double *values, *numeric, loss, want;
+    graph_values gv;
+    int i;
+    if (!make_ctx(&ctx)) return;
+    loss = forward_backward(&ctx, k, graph, 1.0f, 1);
+    values = widen(params->data, params->count);
+    numeric = new_doubles(params->count);
+    gv.graph = graph;
+    gv.values = values;
+    want = k->reference(&gv);
+    CHECK(fabs(loss - want) <= 1e-5 + 1e-5 * fabs(want), "%s: loss %.9g, float64 graph %.9g", k->name, loss, want);
+    central_diff(k->reference, &gv, values, params->count, numeric);
+    for (i = 0; i < params->num_tensors; i++) {
+        const codir_tensor *t = &params->tensors[i];
+        size_t off = (size_t)(t->data - params->data), j, nonzero = 0;
+        check_close(label("%s: gradient of %s", k->name, t->name), t->grad, numeric + off, t->numel, GRAD_ATOL,
+                    GRAD_RTOL);
+        for (j = 0; j < t->numel; j++) nonzero += t->grad[j] != 0.0f;
+        CHECK(nonzero > 0, "%s: %s received no gradient", k->name, t->name);
+    }
+    codir_ctx_free(&ctx);
+}
+
+/* Counts i where got[i] differs bitwise from factor * base[i]; reports the first. */
+static void check_scaled_exactly(const char *what, const float *got, const float *base, float factor, size_t n)
+{
+    size_t i, bad = 0, first = 0;
+    for (i = 0; i < n; i++) {
+        float want = factor * base[i];
+        if (memcmp(&got[i], &want, sizeof want) != 0 && bad++ == 0) first = i;
+    }
+    CHECK(bad == 0, "%s: %zu of %zu gradients are not exactly %g times the reference; first [%zu] got %.9g want %.9g",
+          what, bad, n, (double)factor, first, (double)got[first], (double)(factor * base[first]));
+}
+
+static void check_seed_scaling(const graph_kind *k, void *graph)
+{
+    codir_ctx ctx;
+    size_t n = k->params->count;
+    float *g1;
+    if (!make_ctx(&ctx)) return;
+    forward_backward(&ctx, k, graph, 1.0f, 1);
+    g1 = copy_floats(k->params->grad, n);
+    forward_backward(&ctx, k, graph, 0.25f, 1);
+    check_scaled_exactly(label("%s seed 0.25", k->name), k->params->grad, g1, 0.25f, n);
+    codir_ctx_free(&ctx);
+}
+
+static void check_double_backward(const graph_kind *k, void *graph)
+{
+    codir_ctx ctx;
+    size_t n = k->params->count;
+    float *g1;
+    codir_tensor *loss;
+    int rc;
+    if (!make_ctx(&ctx)) return;
+    forward_backward(&ctx, k, graph, 1.0f, 1);
+    g1 = copy_floats(k->params->grad, n);
+
+    /* A second forward and backward without zeroing. */
+    forward_backward(&ctx, k, graph, 1.0f, 0);
+    check_scaled_exactly(label("%s after a second forward and backward", k->name), k->params->grad, g1, 2.0f, n);
+
+    /* Backward twice over the same tape: intermediate gradients restart from zero. */
+    codir_ctx_begin(&ctx, 1, 0, 0);
+    loss = k->forward(&ctx, graph);
+    codir_params_zero_grad(k->params);
+    rc = codir_backward(&ctx, loss);
+    rc |= codir_backward(&ctx, loss);
+    CHECK(rc == CODIR_OK, "%s: backward failed: %s", k->name, codir_last_error());
+    check_scaled_exactly(label("%s after two backward passes over one tape", k->name), k->params->grad, g1, 2.0f, n);
+    codir_ctx_free(&ctx);
+}
+
+static void check_no_recording(const graph_kind *k, void *graph)
+{
+    codir_ctx ctx;
+    codir_tensor *loss;
+    float recorded;
+    int i, rc;
+    if (!make_ctx(&ctx)) return;
+    recorded = (float)forward_backward(&ctx, k, graph, 1.0f, 1);
+    CHECK(ctx.tape_len > 0, "%s: recording left the tape empty", k->name);
+
+    codir_ctx_begin(&ctx, 0, 0, 0);
+    loss = k->forward(&ctx, graph);
+    CHECK(loss != NULL, "%s: forward without recording failed: %s", k->name, codir_last_error());
+    CHECK(ctx.tape_len == 0, "%s: %d ops recorded with recording off", k->name, ctx.tape_len);
+    for (i = 0; i < *k->num_outputs; i++) {
+        CHECK(k->outputs[i] != NULL, "%s: op %d of the forward pass returned NULL", k->name, i);
+        if (k->outputs[i])
+            CHECK(k->outputs[i]->grad == NULL, "%s: output of op %d has a gradient buffer", k->name, i);
+    }
+    if (loss) {
+        CHECK(loss->data[0] == recorded, "%s: loss %.9g without recording, %.9g with", k->name, (double)loss->data[0],
+              (double)recorded);
+        rc = codir_backward(&ctx, loss);
+        CHECK(rc == CODIR_ERR_INVALID, "%s: backward of an unrecorded loss returned %d", k->name, rc);
+    }
+    codir_ctx_free(&ctx);
+}
+
+static graph_kind encoder_kind(encoder_graph *g)
+{
+    graph_kind k;
+    k.name = "encoder";
+    k.forward = encoder_forward;
+    k.reference = encoder_reference;
+    k.params = &g->params;
+    k.outputs = g->outputs;
+    k.num_outputs = &g->num_outputs;
+    return k;
+}
+
+static graph_kind loss_kind(loss_graph *g)
+{
+    graph_kind k;
+    k.name = "losses";
+    k.forward = loss_graph_forward;
+    k.reference = loss_graph_reference;
+    k.params = &g->params;
+    k.outputs = g->outputs;
+    k.num_outputs = &g->num_outputs;
+    return k;
+}
+
+/* Runs `check` on both graphs. */
+static void on_both_graphs(void (*check)(const graph_kind *k, void *graph))
+{
+    encoder_graph eg;
+    loss_graph lg;
+    graph_kind k;
+    int rc = encoder_init(&eg, 501);
+    CHECK(rc == CODIR_OK, "codir_params_init failed: %s", codir_last_error());
+    if (rc == CODIR_OK) {
+        k = encoder_kind(&eg);
+        check(&k, &eg);
+        codir_params_free(&eg.params);
+    }
+    rc = loss_graph_init(&lg, 502);
+    CHECK(rc == CODIR_OK, "codir_params_init failed: %s", codir_last_error());
+    if (rc == CODIR_OK) {
+        k = loss_kind(&lg);
+        check(&k, &lg);
+        codir_params_free(&lg.params);
+    }
+    free_buffers();
+}
+
+static void test_autograd_gradients(void) { on_both_graphs(check_graph_gradients); }
+static void test_autograd_seed_scaling(void) { on_both_graphs(check_seed_scaling); }
+static void test_autograd_double_backward(void) { on_both_graphs(check_double_backward); }
+static void test_autograd_no_recording(void) { on_both_graphs(check_no_recording); }
+
+/* ---- invalid inputs ---- */
+
+static void check_error_names(const char *what, const char *value)
+{
+    const char *msg = codir_last_error();
+    CHECK(strstr(msg, value) != NULL, "%s: error message \"%s\" does not name the value %s", what, msg, value);
+}
+
+/* Feeds a NULL through the rest of a graph: every op returns NULL and the first
+   error stays in ctx->status and codir_last_error(). */
+static void check_chain_after_null(codir_ctx *ctx, encoder_graph *g, codir_tensor *bad, const char *value)
+{
+    codir_tensor *p = g->params.tensors, *pools[2], *x;
+    int status = ctx->status, rc;
+    x = codir_linear(ctx, bad, &p[P_W1], &p[P_B1]);
+    CHECK(x == NULL, "linear of NULL returned a tensor");
+    x = codir_gelu(ctx, x);
+    CHECK(x == NULL, "gelu of NULL returned a tensor");
+    pools[0] = codir_select_first(ctx, x);
+    pools[1] = codir_mean_pool(ctx, x, &g->mask);
+    x = codir_concat(ctx, pools, 2);
+    CHECK(x == NULL, "concat of NULL inputs returned a tensor");
+    x = codir_cross_entropy(ctx, x, &g->labels);
+    CHECK(x == NULL, "cross-entropy of NULL returned a tensor");
+    CHECK(ctx->status == status, "a chained op changed ctx->status from %d to %d", status, ctx->status);
+    check_error_names("after chained ops", value);
+    rc = codir_backward(ctx, x);
+    CHECK(rc != CODIR_OK, "backward after a failed forward returned CODIR_OK");
+    check_error_names("after backward", value);
+}
+
+/* Creates the encoder parameters and a context for an invalid-input test. */
+static int bad_input_setup(encoder_graph *g, codir_ctx *ctx, unsigned long long seed)
+{
+    int rc = encoder_init(g, seed);
+    CHECK(rc == CODIR_OK, "codir_params_init failed: %s", codir_last_error());
+    if (rc != CODIR_OK) return 0;
+    if (!make_ctx(ctx)) {
+        codir_params_free(&g->params);
+        return 0;
+    }
+    codir_ctx_begin(ctx, 1, 0, 0);
+    return 1;
+}
+
+static void bad_input_teardown(encoder_graph *g, codir_ctx *ctx)
+{
+    codir_ctx_free(ctx);
+    codir_params_free(&g->params);
+}
+
+static void test_autograd_bad_token(void)
+{
+    static const int bad_ids[G_B * G_T] = {1, 5, 5, 3, 1234, 6};
+    encoder_graph g;
+    codir_ctx ctx;
+    codir_itensor ids;
+    codir_tensor *p, *e;
+    if (!bad_input_setup(&g, &ctx, 503)) return;
+    p = g.params.tensors;
+    set_itensor(&ids, bad_ids, 2, G_B, G_T);
+    e = codir_embedding(&ctx, &ids, &g.types, &p[P_TOK], &p[P_POS], &p[P_TYPE]);
+    CHECK(e == NULL, "embedding accepted token id 1234 with a vocabulary of %d", G_V);
+    CHECK(ctx.status == CODIR_ERR_INVALID, "ctx->status = %d, want CODIR_ERR_INVALID", ctx.status);
+    check_error_names("embedding", "1234");
+    check_chain_after_null(&ctx, &g, e, "1234");
+    bad_input_teardown(&g, &ctx);
+}
+
+static void test_autograd_bad_label(void)
+{
+    static const int bad_labels[G_B] = {2, 77};
+    encoder_graph g;
+    codir_ctx ctx;
+    codir_itensor labels;
+    codir_tensor *p, *z, *logits, *loss;
+    int shape[2];
+    if (!bad_input_setup(&g, &ctx, 504)) return;
+    p = g.params.tensors;
+    set_itensor(&labels, bad_labels, 1, G_B, 1);
+    shape[0] = G_B;
+    shape[1] = G_C;
+    z = codir_tensor_new(&ctx, 2, shape, 0);
+    CHECK(z != NULL, "codir_tensor_new failed: %s", codir_last_error());
+    if (z) {
+        memset(z->data, 0, z->numel * sizeof(float));
+        logits = codir_linear(&ctx, z, &p[P_W3], NULL);
+        loss = codir_cross_entropy(&ctx, logits, &labels);
+        CHECK(loss == NULL, "cross-entropy accepted label 77 with %d classes", G_L);
+        CHECK(ctx.status == CODIR_ERR_INVALID, "ctx->status = %d, want CODIR_ERR_INVALID", ctx.status);
+        check_error_names("cross-entropy", "77");
+        check_chain_after_null(&ctx, &g, loss, "77");
+    }
+    bad_input_teardown(&g, &ctx);
+}
+
+static void test_autograd_bad_heads(void)
+{
+    encoder_graph g;
+    codir_ctx ctx;
+    codir_tensor *qkv, *a;
+    int shape[3];
+    if (!bad_input_setup(&g, &ctx, 505)) return;
+
+    /* qkv [B, T, 36] has width 12, which 5 heads do not divide. */
+    shape[0] = G_B;
+    shape[1] = G_T;
+    shape[2] = 36;
+    qkv = codir_tensor_new(&ctx, 3, shape, 1);
+    CHECK(qkv != NULL, "codir_tensor_new failed: %s", codir_last_error());
+    if (qkv) {
+        memset(qkv->data, 0, qkv->numel * sizeof(float));
+        a = codir_attention(&ctx, qkv, &g.mask, 5);
+        CHECK(a == NULL, "attention accepted 5 heads for width 12");
+        CHECK(ctx.status == CODIR_ERR_INVALID, "ctx->status = %d, want CODIR_ERR_INVALID", ctx.status);
+        check_error_names("attention heads", "5");
+        check_error_names("attention width", "12");
+        check_chain_after_null(&ctx, &g, a, "12");
+    }
+    bad_input_teardown(&g, &ctx);
+}
+
+/* ---- dropout in a context ---- */
+
+static codir_tensor *dropout_run(codir_ctx *ctx, int training, uint64_t step, const float *x, codir_tensor **input)
+{
+    int shape[2];
+    codir_tensor *t;
+    codir_ctx_begin(ctx, 1, training, step);
+    shape[0] = 40;
+    shape[1] = 50;
+    t = codir_tensor_new(ctx, 2, shape, 1);
+    if (!t) return NULL;
+    memcpy(t->data, x, t->numel * sizeof(float));
+    if (input) *input = t;
+    return codir_dropout(ctx, t, 0.5f);
+}
+
+/* Returns 1 if a dropout run produced a tensor, after recording a failure if not. */
+static int dropout_ok(const codir_tensor *y, const char *what)
+{
+    CHECK(y != NULL, "dropout (%s) failed: %s", what, codir_last_error());
+    return y != NULL;
+}
+
+static void test_autograd_dropout(void)
+{
+    enum { n = 2000 };
+    unsigned long long rng = 506;
+    float *x = random_floats(n, &rng, 0.5, 1.5), *first, *target = new_floats(n);
+    double *want = new_doubles(n);
+    codir_ctx ctx, other;
+    codir_tensor *y, *in = NULL, *loss;
+    size_t diff;
+    int i, rc;
+    if (!make_ctx(&ctx)) return;
+    if (!make_ctx(&other)) {
+        codir_ctx_free(&ctx);
+        return;
+    }
+
+    y = dropout_run(&ctx, 1, 5, x, NULL);
+    if (!dropout_ok(y, "step 5")) goto done;
+    first = copy_floats(y->data, n);
+
+    /* The same seed and step give the same mask, in this context or a fresh one. */
+    y = dropout_run(&ctx, 1, 5, x, NULL);
+    if (!dropout_ok(y, "step 5 again")) goto done;
+    CHECK(count_different(first, y->data, n) == 0, "the same step gave a different mask");
+    y = dropout_run(&other, 1, 5, x, NULL);
+    if (!dropout_ok(y, "second context")) goto done;
+    CHECK(count_different(first, y->data, n) == 0, "a context with the same seed gave a different mask");
+
+    /* Another step, or the second dropout op of a step, gives another mask. */
+    y = dropout_run(&ctx, 1, 6, x, NULL);
+    if (!dropout_ok(y, "step 6")) goto done;
+    diff = count_different(first, y->data, n);
+    CHECK(diff > n / 3, "steps 5 and 6 differ on only %zu of %d elements", diff, n);
+    y = dropout_run(&ctx, 1, 5, x, &in);
+    if (!dropout_ok(y, "first op of step 5")) goto done;
+    y = codir_dropout(&ctx, in, 0.5f);
+    if (!dropout_ok(y, "second op of step 5")) goto done;
+    diff = count_different(first, y->data, n);
+    CHECK(diff > n / 3, "two dropout ops of one step differ on only %zu of %d elements", diff, n);
+
+    /* Outside training, dropout is the identity and returns its input. */
+    y = dropout_run(&ctx, 0, 5, x, &in);
+    CHECK(y == in, "dropout with training off returned a new tensor");
+
+    /* Backward of mean(y^2): 2 y / n * 2 where kept (y = 2x there), 0 where dropped. */
+    y = dropout_run(&ctx, 1, 5, x, &in);
+    if (!dropout_ok(y, "step 5 with backward")) goto done;
+    loss = codir_mse(&ctx, y, target);
+    rc = codir_backward(&ctx, loss);
+    CHECK(rc == CODIR_OK, "backward failed: %s", codir_last_error());
+    for (i = 0; i < n; i++) want[i] = y->data[i] != 0.0f ? 4.0 * y->data[i] / n : 0.0;
+    check_close("dx through dropout", in->grad, want, n, 1e-7, 1e-5);
+
+done:
+    codir_ctx_free(&ctx);
+    codir_ctx_free(&other);
+    free_buffers();
+}
+
+const test_case tests_kernels[] = {
+    {"kernel linear forward", test_linear_forward},
+    {"kernel linear backward", test_linear_backward},
+    {"kernel add", test_add},
+    {"kernel layernorm forward", test_layernorm_forward},
+    {"kernel layernorm backward", test_layernorm_backward},
+    {"kernel layernorm mean 1e4", test_layernorm_large_mean},
+    {"kernel layernorm mean 1e4 backward", test_layernorm_large_mean_backward},
+    {"kernel gelu forward", test_gelu_forward},
+    {"kernel gelu backward", test_gelu_backward},
+    {"kernel tanh", test_tanh},
+    {"kernel softmax", test_softmax},
+    {"kernel attention forward", test_attention_forward},
+    {"kernel attention backward", test_attention_backward},
+    {"kernel attention fully masked row", test_attention_fully_masked},
+    {"kernel embedding forward", test_embedding_forward},
+    {"kernel embedding backward", test_embedding_backward},
+    {"kernel dropout statistics", test_dropout_statistics},
+    {"kernel dropout mask per key", test_dropout_key},
+    {"kernel dropout thread count", test_dropout_threads},
+    {"kernel dropout backward", test_dropout_backward},
+    {"kernel select first", test_select_first},
+    {"kernel mean pool", test_mean_pool},
+    {"kernel mean pool ignores pads", test_mean_pool_ignores_pads},
+    {"kernel concat", test_concat},
+    {"kernel l2 normalize", test_l2_normalize},
+    {"kernel l2 normalize zero row", test_l2_normalize_zero},
+    {"kernel cross-entropy", test_cross_entropy},
+    {"kernel cross-entropy logits 1e4", test_cross_entropy_extreme},
+    {"kernel mse", test_mse},
+    {"kernel kl", test_kl},
+    {"kernel kl direction", test_kl_direction},
+    {"kernel kl temperature squared", test_kl_temperature},
+    {"kernel infonce", test_infonce},
+    {"kernel infonce small tau", test_infonce_small_tau},
+    {"autograd gradients match float64", test_autograd_gradients},
+    {"autograd seed 0.25 scales exactly", test_autograd_seed_scaling},
+    {"autograd two backward passes double", test_autograd_double_backward},
+    {"autograd no recording", test_autograd_no_recording},
+    {"autograd bad token id", test_autograd_bad_token},
+    {"autograd bad label", test_autograd_bad_label},
+    {"autograd bad head count", test_autograd_bad_heads},
+    {"autograd dropout mask", test_autograd_dropout},
+};
+const int tests_kernels_count = sizeof tests_kernels / sizeof tests_kernels[0];

@@ -1,0 +1,1018 @@
+/* Tests of the WordPiece tokenizer, the vocabulary builder and the TSV reader. Every
+   expected id list below was worked out by hand from the vocabulary it uses. */
+#include "check.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* ---- temporary files ---- */
+
+/* Creates a new file under $TMPDIR (or /tmp) containing the `length` bytes at
+   `content`, and stores its path in path[size]. The name mixes the time, a counter and
+   the address of a static object, which differs between runs under address space
+   layout randomization. Mode "wx" makes fopen fail rather than reuse an existing file. */
+static int write_temp_file(char *path, size_t size, const char *suffix, const char *content, size_t length)
+{
+    static unsigned long counter;
+    const char *dir = getenv("TMPDIR");
+    int attempt;
+    if (!dir || !dir[0]) dir = "/tmp";
+    for (attempt = 0; attempt < 100; attempt++) {
+        FILE *file;
+        int ok;
+        counter++;
+        snprintf(path, size, "%s/codir_text_%lx_%lx_%lu%s", dir, (unsigned long)time(NULL),
+                 (unsigned long)((uintptr_t)&counter >> 4), counter, suffix);
+        file = fopen(path, "wx");
+        if (!file) continue;
+        ok = fwrite(content, 1, length, file) == length;
+        if (fclose(file) != 0) ok = 0;
+        if (!ok) {
+            remove(path);
+            return 0;
+        }
+        return 1;
+    }
+    return 0;
+}
+
+/* Builds a unique path that does not exist yet, for functions that create the file. */
+static int make_temp_path(char *path, size_t size, const char *suffix)
+{
+    if (!write_temp_file(path, size, suffix, "", 0)) return 0;
+    remove(path);
+    return 1;
+}
+
+/* Joins tokens into vocab.txt text with "\n" line ends. */
+static char *join_lines(const char *const *tokens, int count)
+{
+    size_t length = 0;
+    int i;
+    char *text, *p;
+    for (i = 0; i < count; i++) length += strlen(tokens[i]) + 1;
+    text = (char *)malloc(length + 1);
+    if (!text) return NULL;
+    p = text;
+    for (i = 0; i < count; i++) {
+        size_t n = strlen(tokens[i]);
+        memcpy(p, tokens[i], n);
+        p[n] = '\n';
+        p += n + 1;
+    }
+    *p = '\0';
+    return text;
+}
+
+/* Writes vocab.txt text to a temporary file, loads it and removes the file. */
+static codir_vocab *load_vocab_from_text(const char *text, size_t length, int lowercase)
+{
+    char path[512];
+    codir_vocab *vocab;
+    if (!write_temp_file(path, sizeof path, ".txt", text, length)) return NULL;
+    vocab = codir_vocab_load(path, lowercase);
+    remove(path);
+    return vocab;
+}
+
+static codir_vocab *load_vocab(const char *const *tokens, int count, int lowercase)
+{
+    char *text = join_lines(tokens, count);
+    codir_vocab *vocab;
+    if (!text) return NULL;
+    vocab = load_vocab_from_text(text, strlen(text), lowercase);
+    free(text);
+    return vocab;
+}
+
+/* ---- the hand-made vocabulary ---- */
+
+/* Ids are the array indices, written next to each token for the expected lists. */
+static const char *const test_tokens[] = {
+    "[PAD]",       /* 0 */
+    "[UNK]",       /* 1 */
+    "[CLS]",       /* 2 */
+    "[SEP]",       /* 3 */
+    "[MASK]",      /* 4 */
+    "un",          /* 5 */
+    "##aff",       /* 6 */
+    "##able",      /* 7 */
+    "##a",         /* 8 */
+    "##ff",        /* 9 */
+    "a",           /* 10 */
+    "hello",       /* 11 */
+    ",",           /* 12 */
+    "world",       /* 13 */
+    "!",           /* 14 */
+    "unaff",       /* 15 */
+    "##b",         /* 16 */
+    "\xC3\xA9",    /* 17: e with acute accent */
+    "##\xC3\xA9",  /* 18 */
+    "\xE4\xB8\xAD",   /* 19: CJK "middle" */
+    "\xE6\x96\x87",   /* 20: CJK "text" */
+    "##\xE6\x96\x87", /* 21 */
+    "$",           /* 22 */
+    "x",           /* 23 */
+    "##x",         /* 24 */
+};
+#define TEST_TOKEN_COUNT ((int)(sizeof test_tokens / sizeof test_tokens[0]))
+
+static codir_vocab *test_vocab(int lowercase)
+{
+    codir_vocab *vocab = load_vocab(test_tokens, TEST_TOKEN_COUNT, lowercase);
+    CHECK(vocab != NULL, "loading the test vocabulary failed: %s", codir_last_error());
+    return vocab;
+}
+
+/* Compares two ints and prints both on a mismatch. */
+#define CHECK_INT(what, got, want)                                                              \
+    do {                                                                                        \
+        long long got_ = (long long)(got), want_ = (long long)(want);                           \
+        CHECK(got_ == want_, "%s is %lld, want %lld", what, got_, want_);                       \
+    } while (0)
+
+/* Compares got[got_count] with want[want_count] and reports the first difference. */
+static void check_ids_at(int line, const char *what, const int *got, int got_count, const int *want, int want_count)
+{
+    int i;
+    if (got_count != want_count) {
+        check_fail(__FILE__, line, "%s: %d ids, want %d (%s)", what, got_count, want_count, codir_last_error());
+        return;
+    }
+    for (i = 0; i < got_count; i++) {
+        if (got[i] != want[i]) {
+            check_fail(__FILE__, line, "%s: id %d is %d, want %d", what, i, got[i], want[i]);
+            return;
+        }
+    }
+}
+#define CHECK_IDS(what, got, got_count, ...)                                                    \
+    do {                                                                                        \
+        static const int want_[] = {__VA_ARGS__};                                               \
+        check_ids_at(__LINE__, what, got, got_count, want_, (int)(sizeof want_ / sizeof want_[0])); \
+    } while (0)
+
+/* Tokenizes text and compares the ids with want[want_count]. */
+static void check_tokens_at(int line, const codir_vocab *vocab, const char *text, const int *want, int want_count)
+{
+    int got[512], count, i;
+    count = codir_tokenize(vocab, text, got, 512);
+    if (count != want_count) {
+        check_fail(__FILE__, line, "tokenize(\"%s\") returned %d pieces, want %d (%s)", text, count, want_count,
+                   codir_last_error());
+        return;
+    }
+    for (i = 0; i < count; i++) {
+        if (got[i] != want[i]) {
+            check_fail(__FILE__, line, "tokenize(\"%s\") piece %d is %d, want %d", text, i, got[i], want[i]);
+            return;
+        }
+    }
+}
+#define CHECK_TOKENS(vocab, text, ...)                                                        \
+    do {                                                                                      \
+        static const int want_[] = {__VA_ARGS__};                                             \
+        check_tokens_at(__LINE__, vocab, text, want_, (int)(sizeof want_ / sizeof want_[0])); \
+    } while (0)
+
+/* ---- tokenizer ---- */
+
+static void test_tokenizer_longest_match(void)
+{
+    codir_vocab *vocab = test_vocab(0);
+    if (!vocab) return;
+    /* "unaff" (15) beats "un" (5), then "##able". */
+    CHECK_TOKENS(vocab, "unaffable", 15, 7);
+    CHECK_TOKENS(vocab, "unable", 5, 7);
+    CHECK_TOKENS(vocab, "unaffable unable", 15, 7, 5, 7);
+    /* Later pieces need the "##" form: "a" then "##a", "##b". */
+    CHECK_TOKENS(vocab, "aa", 10, 8);
+    CHECK_TOKENS(vocab, "ab", 10, 16);
+    CHECK_TOKENS(vocab, "aaa", 10, 8, 8);
+    CHECK_TOKENS(vocab, "hello", 11);
+    codir_vocab_free(vocab);
+}
+
+static void test_tokenizer_whole_word_unk(void)
+{
+    codir_vocab *vocab = test_vocab(0);
+    if (!vocab) return;
+    /* "unable" matches but "##z" does not, so the whole word is one [UNK]. */
+    CHECK_TOKENS(vocab, "unablez", 1);
+    CHECK_TOKENS(vocab, "unable unablez hello", 5, 7, 1, 11);
+    /* "b" exists only as "##b". */
+    CHECK_TOKENS(vocab, "ba", 1);
+    CHECK_TOKENS(vocab, "z", 1);
+    codir_vocab_free(vocab);
+}
+
+static void test_tokenizer_punctuation_split(void)
+{
+    codir_vocab *vocab = test_vocab(0);
+    int c;
+    if (!vocab) return;
+    CHECK_TOKENS(vocab, "hello,world!", 11, 12, 13, 14);
+    CHECK_TOKENS(vocab, "hello , world !", 11, 12, 13, 14);
+    CHECK_TOKENS(vocab, "$x", 22, 23);
+    CHECK_TOKENS(vocab, "!!", 14, 14);
+
+    /* Every printable ASCII character except letters and digits splits "x?x" into
+       three words: x, an unknown character, x. Letters and digits stay inside. */
+    for (c = 33; c <= 126; c++) {
+        char text[4];
+        int got[8], count;
+        int alnum = (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z');
+        text[0] = 'x';
+        text[1] = (char)c;
+        text[2] = 'x';
+        text[3] = '\0';
+        count = codir_tokenize(vocab, text, got, 8);
+        if (!alnum) {
+            /* x, the character (a known piece or [UNK]), x. */
+            CHECK(count == 3, "\"%s\": %d pieces, want 3 because '%c' is punctuation", text, count, c);
+            if (count == 3) {
+                CHECK(got[0] == 23, "\"%s\": first piece %d, want x (23)", text, got[0]);
+                CHECK(got[2] == 23, "\"%s\": last piece %d, want x (23)", text, got[2]);
+            }
+        } else if (c == 'a') {
+            CHECK_IDS(text, got, count, 23, 8, 24);
+        } else if (c == 'b') {
+            CHECK_IDS(text, got, count, 23, 16, 24);
+        } else if (c == 'x') {
+            CHECK_IDS(text, got, count, 23, 24, 24);
+        } else {
+            /* One word without "##" pieces for c: one [UNK]. */
+            CHECK_IDS(text, got, count, 1);
+        }
+    }
+    codir_vocab_free(vocab);
+}
+
+static void test_tokenizer_lowercase(void)
+{
+    codir_vocab *lower = test_vocab(1);
+    codir_vocab *cased = test_vocab(0);
+    if (lower && cased) {
+        CHECK(lower->lowercase == 1, "lowercase flag is %d, want 1", lower->lowercase);
+        CHECK(cased->lowercase == 0, "lowercase flag is %d, want 0", cased->lowercase);
+        CHECK_TOKENS(lower, "HeLLo WORLD", 11, 13);
+        CHECK_TOKENS(cased, "HeLLo WORLD", 1, 1);
+        CHECK_TOKENS(cased, "hello", 11);
+        /* Non-ASCII letters keep their bytes: "\xC3\x89" (capital E acute) does not
+           become "\xC3\xA9" (17). */
+        CHECK_TOKENS(lower, "\xC3\xA9", 17);
+        CHECK_TOKENS(lower, "\xC3\x89", 1);
+    }
+    codir_vocab_free(lower);
+    codir_vocab_free(cased);
+}
+
+static void test_tokenizer_long_word(void)
+{
+    codir_vocab *vocab = test_vocab(0);
+    char text[1024];
+    int got[256], count, i, ok;
+    if (!vocab) return;
+
+    /* 100 characters: x then 99 x "##x" pieces. */
+    memset(text, 'x', 100);
+    text[100] = '\0';
+    count = codir_tokenize(vocab, text, got, 256);
+    CHECK(count == 100, "100 x: %d pieces, want 100", count);
+    ok = count == 100 && got[0] == 23;
+    for (i = 1; ok && i < 100; i++) ok = got[i] == 24;
+    CHECK(ok, "100 x: want x followed by 99 ##x");
+
+    /* 101 characters: [UNK], and the next word is read normally. */
+    memset(text, 'x', 101);
+    strcpy(text + 101, " hello");
+    CHECK_TOKENS(vocab, text, 1, 11);
+    memset(text, 'x', 300);
+    strcpy(text + 300, ",hello");
+    CHECK_TOKENS(vocab, text, 1, 12, 11);
+
+    /* The limit counts characters, not bytes: 100 two-byte characters still match. */
+    for (i = 0; i < 100; i++) memcpy(text + 2 * i, "\xC3\xA9", 2);
+    text[200] = '\0';
+    count = codir_tokenize(vocab, text, got, 256);
+    CHECK(count == 100, "100 e-acute: %d pieces, want 100", count);
+    ok = count == 100 && got[0] == 17;
+    for (i = 1; ok && i < 100; i++) ok = got[i] == 18;
+    CHECK(ok, "100 e-acute: want e-acute followed by 99 ##e-acute");
+    memcpy(text + 200, "\xC3\xA9", 3);
+    CHECK_TOKENS(vocab, text, 1);
+    codir_vocab_free(vocab);
+}
+
+static void test_tokenizer_control_chars(void)
+{
+    codir_vocab *vocab = test_vocab(0);
+    if (!vocab) return;
+    /* Dropped inside a word, without splitting it: C0 controls, DEL, U+0085, U+FFFD,
+       U+200B ZERO WIDTH SPACE, U+FEFF, form feed. */
+    CHECK_TOKENS(vocab, "hel\x01lo", 11);
+    CHECK_TOKENS(vocab, "hel\x7flo", 11);
+    CHECK_TOKENS(vocab, "hel\xC2\x85lo", 11);
+    CHECK_TOKENS(vocab, "hel\xEF\xBF\xBDlo", 11);
+    CHECK_TOKENS(vocab, "hel\xE2\x80\x8Blo", 11);
+    CHECK_TOKENS(vocab, "\xEF\xBB\xBFhello", 11);
+    CHECK_TOKENS(vocab, "hel\flo", 11);
+    /* Whitespace splits: tab, CR, LF, U+00A0, U+3000, U+2028. */
+    CHECK_TOKENS(vocab, "hello\tworld\r\nhello", 11, 13, 11);
+    CHECK_TOKENS(vocab, "hello\xC2\xA0world", 11, 13);
+    CHECK_TOKENS(vocab, "hello\xE3\x80\x80world", 11, 13);
+    CHECK_TOKENS(vocab, "hello\xE2\x80\xA8world", 11, 13);
+    CHECK(codir_tokenize(vocab, "  \t\r\n ", NULL, 0) == 0, "whitespace alone must give no pieces");
+    codir_vocab_free(vocab);
+}
+
+static void test_tokenizer_cjk_split(void)
+{
+    codir_vocab *vocab = test_vocab(0);
+    if (!vocab) return;
+    /* Each ideograph is its own word, so the second is 20, not "##" 21. */
+    CHECK_TOKENS(vocab, "\xE4\xB8\xAD\xE6\x96\x87", 19, 20);
+    CHECK_TOKENS(vocab, "x\xE4\xB8\xADx", 23, 19, 23);
+    codir_vocab_free(vocab);
+}
+
+static void test_tokenizer_invalid_utf8(void)
+{
+    codir_vocab *vocab = test_vocab(0);
+    unsigned long long state = 12345;
+    int iteration;
+    if (!vocab) return;
+    /* Each invalid byte is dropped like U+FFFD and does not split the word. */
+    CHECK_TOKENS(vocab, "hel\xFFlo", 11);
+    CHECK_TOKENS(vocab, "hel\xC3lo", 11);          /* lead byte without continuation */
+    CHECK_TOKENS(vocab, "hel\xC0\xAFlo", 11);      /* overlong "/" */
+    CHECK_TOKENS(vocab, "hel\xED\xA0\x80lo", 11);  /* surrogate U+D800 */
+    CHECK_TOKENS(vocab, "hel\xF4\x90\x80\x80lo", 11); /* above U+10FFFF */
+    CHECK_TOKENS(vocab, "hel\x80\xBFlo", 11);      /* stray continuation bytes */
+    CHECK_TOKENS(vocab, "hello\xE4\xB8", 11);      /* truncated at the end */
+
+    /* Random bytes: no crash, and every id in range. */
+    for (iteration = 0; iteration < 20000; iteration++) {
+        char text[65];
+        int ids[130], length = (int)check_uniform(&state, 0, 64), i, count;
+        for (i = 0; i < length; i++) text[i] = (char)(1 + (int)check_uniform(&state, 0, 255));
+        text[length] = '\0';
+        count = codir_tokenize(vocab, text, ids, 130);
+        if (count < 0 || count > 130) {
+            CHECK(0, "random text %d: tokenize returned %d", iteration, count);
+            break;
+        }
+        for (i = 0; i < count; i++) {
+            if (ids[i] < 0 || ids[i] >= vocab->size) {
+                CHECK(0, "random text %d: id %d out of range", iteration, ids[i]);
+                break;
+            }
+        }
+    }
+    codir_vocab_free(vocab);
+}
+
+static void test_tokenizer_count_like_snprintf(void)
+{
+    codir_vocab *vocab = test_vocab(0);
+    int ids[4] = {-7, -7, -7, -7}, count;
+    if (!vocab) return;
+    count = codir_tokenize(vocab, "hello , world !", ids, 2);
+    CHECK(count == 4, "returned %d, want the full count 4", count);
+    CHECK_IDS("first max_ids ids", ids, 2, 11, 12);
+    CHECK_IDS("ids past max_ids", ids + 2, 2, -7, -7);
+    count = codir_tokenize(vocab, "hello , world !", NULL, 0);
+    CHECK(count == 4, "with NULL ids returned %d, want 4", count);
+    count = codir_tokenize(vocab, "", ids, 4);
+    CHECK(count == 0, "empty text returned %d, want 0", count);
+    count = codir_tokenize(vocab, "hello", ids, -1);
+    CHECK(count == CODIR_ERR_INVALID, "max_ids -1 returned %d, want CODIR_ERR_INVALID", count);
+    count = codir_tokenize(vocab, NULL, ids, 4);
+    CHECK(count == CODIR_ERR_INVALID, "NULL text returned %d, want CODIR_ERR_INVALID", count);
+    codir_vocab_free(vocab);
+}
+
+static void test_encode_truncation(void)
+{
+    codir_vocab *vocab = test_vocab(0);
+    int ids[12], length, i;
+    if (!vocab) return;
+
+    for (i = 0; i < 12; i++) ids[i] = -7;
+    length = codir_encode(vocab, "unaffable unable", ids, 10);
+    CHECK_IDS("max_len 10", ids, length, 2, 15, 7, 5, 7, 3);
+    CHECK(ids[6] == -7, "wrote past the sequence: %d", ids[6]);
+
+    /* Truncation keeps [SEP] last. */
+    for (i = 0; i < 12; i++) ids[i] = -7;
+    length = codir_encode(vocab, "unaffable unable", ids, 4);
+    CHECK_IDS("max_len 4", ids, length, 2, 15, 7, 3);
+    CHECK(ids[4] == -7, "max_len 4: wrote past max_len: %d", ids[4]);
+
+    length = codir_encode(vocab, "unaffable", ids, 2);
+    CHECK_IDS("max_len 2", ids, length, 2, 3);
+    length = codir_encode(vocab, "", ids, 8);
+    CHECK_IDS("empty text", ids, length, 2, 3);
+
+    length = codir_encode(vocab, "hello", ids, 1);
+    CHECK(length == CODIR_ERR_INVALID, "max_len 1 returned %d, want CODIR_ERR_INVALID", length);
+    CHECK(strstr(codir_last_error(), "max_len") != NULL, "message does not name max_len: %s", codir_last_error());
+    codir_vocab_free(vocab);
+}
+
+/* ---- vocab.txt ---- */
+
+static void test_vocab_load_crlf(void)
+{
+    /* CRLF, a BOM, special tokens out of order, no final newline. */
+    static const char text[] = "\xEF\xBB\xBFhello\r\n[UNK]\r\n[SEP]\r\n[PAD]\r\n[MASK]\r\n[CLS]\r\n##lo\r\nworld";
+    codir_vocab *vocab = load_vocab_from_text(text, sizeof text - 1, 1);
+    CHECK(vocab != NULL, "load failed: %s", codir_last_error());
+    if (!vocab) return;
+    CHECK(vocab->size == 8, "size %d, want 8", vocab->size);
+    CHECK_INT("unk_id", vocab->unk_id, 1);
+    CHECK_INT("sep_id", vocab->sep_id, 2);
+    CHECK_INT("pad_id", vocab->pad_id, 3);
+    CHECK_INT("mask_id", vocab->mask_id, 4);
+    CHECK_INT("cls_id", vocab->cls_id, 5);
+    CHECK(codir_vocab_id(vocab, "hello") == 0, "id of hello %d, want 0", codir_vocab_id(vocab, "hello"));
+    CHECK(codir_vocab_id(vocab, "##lo") == 6, "id of ##lo %d, want 6", codir_vocab_id(vocab, "##lo"));
+    CHECK(codir_vocab_id(vocab, "world") == 7, "id of world %d, want 7", codir_vocab_id(vocab, "world"));
+    CHECK(codir_vocab_id(vocab, "hello\r") == -1, "a token kept its CR");
+    CHECK(codir_vocab_id(vocab, "absent") == -1, "absent token found");
+    CHECK(codir_vocab_token(vocab, 7) != NULL, "token 7 is NULL");
+    if (codir_vocab_token(vocab, 7)) CHECK(strcmp(codir_vocab_token(vocab, 7), "world") == 0, "token 7 is not world");
+    CHECK(codir_vocab_token(vocab, 8) == NULL, "id 8 is out of range but returned a token");
+    CHECK(codir_vocab_token(vocab, -1) == NULL, "id -1 is out of range but returned a token");
+    codir_vocab_free(vocab);
+}
+
+static void test_vocab_load_missing_special(void)
+{
+    static const char *const tokens[] = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "hello"};
+    char *text = join_lines(tokens, 5);
+    char path[512];
+    codir_vocab *vocab;
+    if (!text || !write_temp_file(path, sizeof path, ".txt", text, strlen(text))) {
+        CHECK(0, "cannot write a temporary file");
+        free(text);
+        return;
+    }
+    vocab = codir_vocab_load(path, 0);
+    CHECK(vocab == NULL, "a vocabulary without [MASK] loaded");
+    CHECK(strstr(codir_last_error(), "[MASK]") != NULL, "message does not name [MASK]: %s", codir_last_error());
+    CHECK(strstr(codir_last_error(), path) != NULL, "message does not name the file: %s", codir_last_error());
+    codir_vocab_free(vocab);
+    remove(path);
+    free(text);
+}
+
+static void test_vocab_load_missing_file(void)
+{
+    char path[512];
+    codir_vocab *vocab;
+    CHECK(make_temp_path(path, sizeof path, ".txt"), "cannot make a temporary path");
+    vocab = codir_vocab_load(path, 0);
+    CHECK(vocab == NULL, "loading a missing file succeeded");
+    CHECK(strstr(codir_last_error(), path) != NULL, "message does not name the file: %s", codir_last_error());
+    codir_vocab_free(vocab);
+}
+
+static void test_vocab_load_duplicate_later_wins(void)
+{
+    static const char *const tokens[] = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "a"};
+    codir_vocab *vocab = load_vocab(tokens, 8, 0);
+    CHECK(vocab != NULL, "load failed: %s", codir_last_error());
+    if (!vocab) return;
+    CHECK(vocab->size == 8, "size %d, want 8", vocab->size);
+    CHECK(codir_vocab_id(vocab, "a") == 7, "id of a %d, want the later line 7", codir_vocab_id(vocab, "a"));
+    CHECK(strcmp(vocab->tokens[5], "a") == 0, "token 5 changed");
+    codir_vocab_free(vocab);
+}
+
+static void test_vocab_save_round_trip(void)
+{
+    codir_vocab *vocab = test_vocab(0), *loaded;
+    char path[512], tmp_path[600];
+    FILE *leftover;
+    int rc, i;
+    if (!vocab) return;
+    CHECK(make_temp_path(path, sizeof path, ".txt"), "cannot make a temporary path");
+    rc = codir_vocab_save(vocab, path);
+    CHECK(rc == 0, "save returned %d: %s", rc, codir_last_error());
+    snprintf(tmp_path, sizeof tmp_path, "%s.tmp", path);
+    leftover = fopen(tmp_path, "rb");
+    CHECK(leftover == NULL, "%s was left behind", tmp_path);
+    if (leftover) {
+        fclose(leftover);
+        remove(tmp_path);
+    }
+
+    loaded = codir_vocab_load(path, 0);
+    CHECK(loaded != NULL, "reload failed: %s", codir_last_error());
+    if (loaded) {
+        CHECK(loaded->size == TEST_TOKEN_COUNT, "size %d, want %d", loaded->size, TEST_TOKEN_COUNT);
+        for (i = 0; i < TEST_TOKEN_COUNT && i < loaded->size; i++)
+            CHECK(strcmp(loaded->tokens[i], test_tokens[i]) == 0, "token %d is '%s', want '%s'", i, loaded->tokens[i],
+                  test_tokens[i]);
+    }
+    codir_vocab_free(loaded);
+    remove(path);
+
+    /* A token with a line break cannot be stored on one line. */
+    {
+        char *saved = vocab->tokens[11];
+        char broken[] = "hel\nlo";
+        vocab->tokens[11] = broken;
+        rc = codir_vocab_save(vocab, path);
+        vocab->tokens[11] = saved;
+        CHECK(rc == CODIR_ERR_INVALID, "saving a token with a line break returned %d", rc);
+        remove(path);
+    }
+    codir_vocab_free(vocab);
+}
+
+/* ---- vocabulary builder ---- */
+
+/* Checks tokens[5..] of vocab against want[want_count]. */
+static void check_learned_at(int line, const codir_vocab *vocab, const char *const *want, int want_count)
+{
+    int i;
+    if (!vocab) {
+        check_fail(__FILE__, line, "build failed: %s", codir_last_error());
+        return;
+    }
+    if (vocab->size != 5 + want_count) {
+        check_fail(__FILE__, line, "size %d, want %d", vocab->size, 5 + want_count);
+        return;
+    }
+    for (i = 0; i < want_count; i++) {
+        if (strcmp(vocab->tokens[5 + i], want[i]) != 0) {
+            check_fail(__FILE__, line, "token %d is '%s', want '%s'", 5 + i, vocab->tokens[5 + i], want[i]);
+            return;
+        }
+    }
+}
+#define CHECK_LEARNED(vocab, ...)                                                               \
+    do {                                                                                        \
+        static const char *const want_[] = {__VA_ARGS__};                                       \
+        check_learned_at(__LINE__, vocab, want_, (int)(sizeof want_ / sizeof want_[0]));        \
+    } while (0)
+
+/* Checks that the special tokens have ids 0..4, as the builder assigns them. */
+static void check_special_ids_at(int line, const codir_vocab *vocab)
+{
+    if (vocab->pad_id != 0) check_fail(__FILE__, line, "pad_id is %d, want 0", vocab->pad_id);
+    if (vocab->unk_id != 1) check_fail(__FILE__, line, "unk_id is %d, want 1", vocab->unk_id);
+    if (vocab->cls_id != 2) check_fail(__FILE__, line, "cls_id is %d, want 2", vocab->cls_id);
+    if (vocab->sep_id != 3) check_fail(__FILE__, line, "sep_id is %d, want 3", vocab->sep_id);
+    if (vocab->mask_id != 4) check_fail(__FILE__, line, "mask_id is %d, want 4", vocab->mask_id);
+}
+
+static void test_vocab_build_hand_example(void)
+{
+    static const char *const ab_ac[] = {"ab ab", "ab ac"};
+    static const char *const ab_cd[] = {"ab cd"};
+    static const char *const abc[] = {"abc abc"};
+    static const char *const xbc_ybc[] = {"xbc ybc"};
+    codir_vocab *vocab;
+    int i;
+
+    vocab = codir_vocab_build(NULL, 0, 5, 0, 0);
+    CHECK(vocab != NULL, "build without texts failed: %s", codir_last_error());
+    if (vocab) {
+        CHECK(vocab->size == 5, "no texts: size %d, want the 5 special tokens only", vocab->size);
+        static const char *const specials[5] = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"};
+        for (i = 0; i < 5; i++)
+            CHECK(strcmp(vocab->tokens[i], specials[i]) == 0, "token %d is %s, want %s", i, vocab->tokens[i],
+                  specials[i]);
+        check_special_ids_at(__LINE__, vocab);
+    }
+    codir_vocab_free(vocab);
+
+    /* Words ab x3, ac x1. Alphabet a b c ##a ##b ##c, then (a, ##b) with count 3
+       merges before (a, ##c) with count 1. */
+    vocab = codir_vocab_build(ab_ac, 2, 12, 0, 0);
+    CHECK_LEARNED(vocab, "a", "b", "c", "##a", "##b", "##c", "ab");
+    codir_vocab_free(vocab);
+    vocab = codir_vocab_build(ab_ac, 2, 100, 1, 0);
+    CHECK_LEARNED(vocab, "a", "b", "c", "##a", "##b", "##c", "ab", "ac");
+    codir_vocab_free(vocab);
+    /* min_frequency 2 keeps the pair seen once from merging. */
+    vocab = codir_vocab_build(ab_ac, 2, 100, 2, 0);
+    CHECK_LEARNED(vocab, "a", "b", "c", "##a", "##b", "##c", "ab");
+    codir_vocab_free(vocab);
+
+    /* A tie between (a, ##b) and (c, ##d) goes to the smaller left id: a (5) < c (7). */
+    vocab = codir_vocab_build(ab_cd, 1, 14, 0, 0);
+    CHECK_LEARNED(vocab, "a", "b", "c", "d", "##a", "##b", "##c", "##d", "ab");
+    codir_vocab_free(vocab);
+
+    /* (a, ##b) and (##b, ##c) both count 2; a (5) < ##b (9), then (ab, ##c). */
+    vocab = codir_vocab_build(abc, 1, 100, 0, 0);
+    CHECK_LEARNED(vocab, "a", "b", "c", "##a", "##b", "##c", "ab", "abc");
+    codir_vocab_free(vocab);
+
+    /* Every character gets both forms, "##x" too. (##b, ##c) counts 2 and merges into
+       a continuation piece first; then x (7) before y (8). */
+    vocab = codir_vocab_build(xbc_ybc, 1, 100, 0, 0);
+    CHECK_LEARNED(vocab, "b", "c", "x", "y", "##b", "##c", "##x", "##y", "##bc", "xbc", "ybc");
+    codir_vocab_free(vocab);
+}
+
+static void test_vocab_build_small_target(void)
+{
+    static const char *const texts[] = {"aaa b"};
+    codir_vocab *vocab;
+    /* Forms: ##a 2, a 1, b 1, ##b 0. Two slots keep ##a and a (a before b by code
+       point), listed word-initial first. */
+    vocab = codir_vocab_build(texts, 1, 7, 0, 0);
+    CHECK_LEARNED(vocab, "a", "##a");
+    if (vocab) {
+        CHECK_TOKENS(vocab, "aaa b", 5, 6, 6, 1);
+    }
+    codir_vocab_free(vocab);
+
+    vocab = codir_vocab_build(texts, 1, 4, 0, 0);
+    CHECK(vocab == NULL, "target_size 4 must fail");
+    CHECK(strstr(codir_last_error(), "target_size") != NULL, "message does not name target_size: %s",
+          codir_last_error());
+    codir_vocab_free(vocab);
+}
+
+static void test_vocab_build_bad_arguments(void)
+{
+    static const char *const texts[] = {"fine", NULL};
+    codir_vocab *vocab = codir_vocab_build(texts, 2, 100, 0, 0);
+    CHECK(vocab == NULL, "a NULL text must fail");
+    CHECK(strstr(codir_last_error(), "texts[1]") != NULL, "message does not name texts[1]: %s", codir_last_error());
+    codir_vocab_free(vocab);
+    vocab = codir_vocab_build(texts, 1, 100, -1, 0);
+    CHECK(vocab == NULL, "min_frequency -1 must fail");
+    codir_vocab_free(vocab);
+    vocab = codir_vocab_build(NULL, 3, 100, 0, 0);
+    CHECK(vocab == NULL, "NULL texts with count 3 must fail");
+    codir_vocab_free(vocab);
+}
+
+static void test_vocab_build_lowercase(void)
+{
+    static const char *const texts[] = {"Hello HELLO, hello!"};
+    codir_vocab *vocab = codir_vocab_build(texts, 1, 100, 0, 1);
+    CHECK(vocab != NULL, "build failed: %s", codir_last_error());
+    if (!vocab) return;
+    CHECK(vocab->lowercase == 1, "lowercase flag %d, want 1", vocab->lowercase);
+    CHECK(codir_vocab_id(vocab, "H") == -1, "an uppercase piece was learned");
+    CHECK(codir_vocab_id(vocab, "hello") >= 0, "hello was not learned");
+    CHECK(codir_vocab_id(vocab, ",") >= 0, "',' was not learned");
+    CHECK(codir_vocab_id(vocab, "!") >= 0, "'!' was not learned");
+    CHECK(codir_vocab_id(vocab, "hello,") == -1, "punctuation was merged into a word");
+    {
+        int ids[8], count = codir_tokenize(vocab, "HELLO!", ids, 8);
+        CHECK(count == 2, "HELLO! tokenized to %d pieces, want 2", count);
+        if (count == 2) {
+            CHECK_INT("HELLO! piece 0", ids[0], codir_vocab_id(vocab, "hello"));
+            CHECK_INT("HELLO! piece 1", ids[1], codir_vocab_id(vocab, "!"));
+        }
+    }
+    codir_vocab_free(vocab);
+}
+
+/* A deterministic corpus of made-up words from syllables, a few thousand distinct. */
+static char **make_corpus(int sentences, unsigned long long seed)
+{
+    static const char *const syllables[] = {"ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "ve", "dra",
+                                            "qu", "ing", "er", "on", "st", "ab", "ze", "yo", "\xC3\xA9t", "fu"};
+    static const char *const marks[] = {"", "", "", ",", ".", "!", "'s"};
+    char **texts = (char **)calloc((size_t)sentences, sizeof *texts);
+    int s;
+    if (!texts) return NULL;
+    for (s = 0; s < sentences; s++) {
+        char buffer[1024];
+        size_t used = 0;
+        int words = 4 + (int)check_uniform(&seed, 0, 12), w;
+        for (w = 0; w < words; w++) {
+            /* Zipf-like: short common words and long rare ones. */
+            int parts = 1 + (int)(check_uniform(&seed, 0, 1) * check_uniform(&seed, 0, 1) * 6), k;
+            if (w > 0) buffer[used++] = ' ';
+            for (k = 0; k < parts; k++) {
+                const char *syllable = syllables[(int)(check_uniform(&seed, 0, 1) * check_uniform(&seed, 0, 1) * 20)];
+                size_t n = strlen(syllable);
+                memcpy(buffer + used, syllable, n);
+                used += n;
+            }
+            if (check_uniform(&seed, 0, 1) < 0.1) buffer[used++] = 'K';
+            {
+                const char *mark = marks[(int)check_uniform(&seed, 0, 7)];
+                memcpy(buffer + used, mark, strlen(mark));
+                used += strlen(mark);
+            }
+        }
+        buffer[used] = '\0';
+        texts[s] = (char *)malloc(used + 1);
+        if (texts[s]) memcpy(texts[s], buffer, used + 1);
+    }
+    return texts;
+}
+
+static void free_corpus(char **texts, int sentences)
+{
+    int s;
+    if (!texts) return;
+    for (s = 0; s < sentences; s++) free(texts[s]);
+    free(texts);
+}
+
+static void test_vocab_build_corpus_properties(void)
+{
+    enum { SENTENCES = 2400, TARGET = 1000 };
+    char **texts = make_corpus(SENTENCES, 99);
+    codir_vocab *vocab = NULL, *again = NULL, *loaded = NULL;
+    char path[512];
+    int i, s, unknown = 0, duplicates = 0, ok;
+
+    CHECK(texts != NULL, "out of memory");
+    if (!texts) return;
+    for (s = 0; s < SENTENCES; s++) {
+        if (!texts[s]) {
+            CHECK(0, "out of memory");
+            free_corpus(texts, SENTENCES);
+            return;
+        }
+    }
+
+    vocab = codir_vocab_build((const char *const *)texts, SENTENCES, TARGET, 2, 1);
+    CHECK(vocab != NULL, "build failed: %s", codir_last_error());
+    if (!vocab) goto done;
+    CHECK(vocab->size == TARGET, "size %d, want %d", vocab->size, TARGET);
+    check_special_ids_at(__LINE__, vocab);
+
+    /* Every token is distinct: its lookup returns its own id. */
+    for (i = 0; i < vocab->size; i++) duplicates += codir_vocab_id(vocab, vocab->tokens[i]) != i;
+    CHECK(duplicates == 0, "%d tokens are duplicates", duplicates);
+
+    /* No training word becomes [UNK]. */
+    for (s = 0; s < SENTENCES; s++) {
+        int ids[256], count = codir_tokenize(vocab, texts[s], ids, 256);
+        CHECK(count >= 0, "sentence %d: tokenize failed: %s", s, codir_last_error());
+        CHECK(count <= 256, "sentence %d: %d pieces, more than the 256 expected", s, count);
+        for (i = 0; i < count && i < 256; i++) unknown += ids[i] == vocab->unk_id;
+    }
+    CHECK(unknown == 0, "%d [UNK] pieces in the training sentences", unknown);
+
+    /* The same input gives the same vocabulary. */
+    again = codir_vocab_build((const char *const *)texts, SENTENCES, TARGET, 2, 1);
+    CHECK(again != NULL, "second build failed: %s", codir_last_error());
+    if (again) CHECK_INT("second build size", again->size, vocab->size);
+    ok = again != NULL && again->size == vocab->size;
+    for (i = 0; ok && i < vocab->size; i++) ok = strcmp(again->tokens[i], vocab->tokens[i]) == 0;
+    CHECK(ok, "second build differs at token %d", i - 1);
+
+    /* Save and load keep every id. */
+    CHECK(make_temp_path(path, sizeof path, ".txt"), "cannot make a temporary path");
+    CHECK(codir_vocab_save(vocab, path) == 0, "save failed: %s", codir_last_error());
+    loaded = codir_vocab_load(path, 1);
+    remove(path);
+    CHECK(loaded != NULL, "reload failed: %s", codir_last_error());
+    if (loaded) CHECK_INT("reloaded size", loaded->size, vocab->size);
+    ok = loaded != NULL && loaded->size == vocab->size;
+    for (i = 0; ok && i < vocab->size; i++) ok = strcmp(loaded->tokens[i], vocab->tokens[i]) == 0;
+    CHECK(ok, "reloaded vocabulary differs at token %d", i - 1);
+    if (loaded) check_special_ids_at(__LINE__, loaded);
+
+done:
+    codir_vocab_free(vocab);
+    codir_vocab_free(again);
+    codir_vocab_free(loaded);
+    free_corpus(texts, SENTENCES);
+}
+
+static void test_vocab_build_stops_when_merged_out(void)
+{
+    /* 3 distinct words can merge at most into 3 whole-word pieces plus the pieces on
+       the way: "abc" (a ##b ##c) needs 2 merges, "de" 1, "f" none. */
+    static const char *const texts[] = {"abc de f abc"};
+    codir_vocab *vocab = codir_vocab_build(texts, 1, 1000, 0, 0);
+    CHECK(vocab != NULL, "build failed: %s", codir_last_error());
+    if (!vocab) return;
+    /* 5 specials + 6 characters x 2 forms + 3 merges (ab, abc, de). */
+    CHECK(vocab->size == 5 + 12 + 3, "size %d, want 20", vocab->size);
+    CHECK(codir_vocab_id(vocab, "abc") >= 0, "abc was not learned");
+    CHECK(codir_vocab_id(vocab, "de") >= 0, "de was not learned");
+    codir_vocab_free(vocab);
+}
+
+/* ---- TSV ---- */
+
+/* Writes content to a temporary .tsv, loads it and removes the file. The path is
+   stored in path[512] for the error message checks. */
+static codir_dataset *load_tsv_text(const char *content, size_t length, char *path)
+{
+    codir_dataset *data;
+    if (!write_temp_file(path, 512, ".tsv", content, length)) {
+        CHECK(0, "cannot write a temporary file");
+        return NULL;
+    }
+    data = codir_dataset_load_tsv(path);
+    remove(path);
+    return data;
+}
+#define LOAD_TSV(literal, path) load_tsv_text(literal, sizeof(literal) - 1, path)
+
+/* Checks that loading failed with a message containing "path:line:" and `detail`. */
+static void check_tsv_error_at(int line, const codir_dataset *data, const char *path, int bad_line,
+                               const char *detail)
+{
+    char where[600];
+    if (data) {
+        check_fail(__FILE__, line, "the load succeeded, want an error at line %d", bad_line);
+        return;
+    }
+    snprintf(where, sizeof where, "%s:%d:", path, bad_line);
+    if (!strstr(codir_last_error(), where))
+        check_fail(__FILE__, line, "message does not contain '%s': %s", where, codir_last_error());
+    if (!strstr(codir_last_error(), detail))
+        check_fail(__FILE__, line, "message does not contain '%s': %s", detail, codir_last_error());
+}
+
+static void test_tsv_quotes_literal(void)
+{
+    char path[512];
+    codir_dataset *data = LOAD_TSV("sentence\tlabel\n\"quoted\" text\t1\nit's \"open\t0\n", path);
+    CHECK(data != NULL, "load failed: %s", codir_last_error());
+    if (!data) return;
+    CHECK(data->count == 2, "count %d, want 2", data->count);
+    if (data->count == 2) {
+        CHECK(strcmp(data->texts[0], "\"quoted\" text") == 0, "text 0 is [%s]", data->texts[0]);
+        CHECK(strcmp(data->texts[1], "it's \"open") == 0, "text 1 is [%s]", data->texts[1]);
+        CHECK_INT("label 0", data->labels[0], 1);
+        CHECK_INT("label 1", data->labels[1], 0);
+    }
+    CHECK(data->num_classes == 2, "num_classes %d, want 2", data->num_classes);
+    codir_dataset_free(data);
+}
+
+static void test_tsv_crlf_bom_no_final_newline(void)
+{
+    char path[512];
+    codir_dataset *data = LOAD_TSV("\xEF\xBB\xBFsentence\tlabel\r\nfirst one\t0\r\nsecond\t2", path);
+    CHECK(data != NULL, "load failed: %s", codir_last_error());
+    if (!data) return;
+    CHECK(data->count == 2, "count %d, want 2", data->count);
+    if (data->count == 2) {
+        CHECK(strcmp(data->texts[0], "first one") == 0, "text 0 is [%s]", data->texts[0]);
+        CHECK(strcmp(data->texts[1], "second") == 0, "text 1 is [%s]", data->texts[1]);
+        CHECK_INT("label 0", data->labels[0], 0);
+        CHECK_INT("label 1", data->labels[1], 2);
+    }
+    CHECK(data->num_classes == 3, "num_classes %d, want 3", data->num_classes);
+    codir_dataset_free(data);
+}
+
+static void test_tsv_trailing_empty_lines(void)
+{
+    char path[512];
+    codir_dataset *data = LOAD_TSV("sentence\tlabel\na b\t1\n\r\n\n", path);
+    CHECK(data != NULL, "load failed: %s", codir_last_error());
+    if (!data) return;
+    CHECK(data->count == 1, "count %d, want 1", data->count);
+    if (data->count == 1) CHECK(strcmp(data->texts[0], "a b") == 0, "text 0 is [%s]", data->texts[0]);
+    codir_dataset_free(data);
+}
+
+static void test_tsv_columns_by_name(void)
+{
+    char path[512];
+    codir_dataset *data = LOAD_TSV("label\tsentence\n1\thello\n0\tbye\n", path);
+    CHECK(data != NULL, "load failed: %s", codir_last_error());
+    if (data) CHECK_INT("count", data->count, 2);
+    if (data && data->count == 2) {
+        CHECK(strcmp(data->texts[0], "hello") == 0, "text 0 is [%s]", data->texts[0]);
+        CHECK_INT("label 0", data->labels[0], 1);
+        CHECK(strcmp(data->texts[1], "bye") == 0, "text 1 is [%s]", data->texts[1]);
+        CHECK_INT("label 1", data->labels[1], 0);
+    }
+    codir_dataset_free(data);
+
+    data = LOAD_TSV("index\tsentence\tlabel\n0\thi there\t4\n", path);
+    CHECK(data != NULL, "load with an extra column failed: %s", codir_last_error());
+    if (data) CHECK_INT("count", data->count, 1);
+    if (data && data->count == 1) {
+        CHECK(strcmp(data->texts[0], "hi there") == 0, "text 0 is [%s]", data->texts[0]);
+        CHECK_INT("label 0", data->labels[0], 4);
+        CHECK(data->num_classes == 5, "num_classes %d, want 5", data->num_classes);
+    }
+    codir_dataset_free(data);
+}
+
+static void test_tsv_bad_field_count(void)
+{
+    char path[512];
+    codir_dataset *data = LOAD_TSV("sentence\tlabel\na\t1\nb\tc\t0\nd\t1\n", path);
+    check_tsv_error_at(__LINE__, data, path, 3, "expected 2 tab-separated fields, found 3");
+    codir_dataset_free(data);
+
+    data = LOAD_TSV("sentence\tlabel\r\na\t1\r\nno tab here\r\nd\t1\r\n", path);
+    check_tsv_error_at(__LINE__, data, path, 3, "expected 2 tab-separated fields, found 1");
+    codir_dataset_free(data);
+
+    data = LOAD_TSV("sentence\tlabel\na\t1\n\nd\t1\n", path);
+    check_tsv_error_at(__LINE__, data, path, 3, "empty line");
+    codir_dataset_free(data);
+}
+
+static void test_tsv_bad_label(void)
+{
+    char path[512];
+    codir_dataset *data = LOAD_TSV("sentence\tlabel\na\t1\nb\t0\nc\tpositive\n", path);
+    check_tsv_error_at(__LINE__, data, path, 4, "invalid label 'positive'");
+    codir_dataset_free(data);
+
+    data = LOAD_TSV("sentence\tlabel\na\t-1\n", path);
+    check_tsv_error_at(__LINE__, data, path, 2, "invalid label '-1'");
+    codir_dataset_free(data);
+
+    data = LOAD_TSV("sentence\tlabel\na\t\n", path);
+    check_tsv_error_at(__LINE__, data, path, 2, "invalid label ''");
+    codir_dataset_free(data);
+
+    data = LOAD_TSV("sentence\tlabel\na\t1 \n", path);
+    check_tsv_error_at(__LINE__, data, path, 2, "invalid label '1 '");
+    codir_dataset_free(data);
+
+    data = LOAD_TSV("sentence\tlabel\na\t99999999999\n", path);
+    check_tsv_error_at(__LINE__, data, path, 2, "invalid label");
+    codir_dataset_free(data);
+}
+
+static void test_tsv_missing_column(void)
+{
+    char path[512];
+    codir_dataset *data = LOAD_TSV("sentence\tclass\na\t1\n", path);
+    check_tsv_error_at(__LINE__, data, path, 1, "no column named 'label'");
+    codir_dataset_free(data);
+
+    data = LOAD_TSV("a fine movie\t1\nbad\t0\n", path);
+    check_tsv_error_at(__LINE__, data, path, 1, "no column named 'sentence'");
+    codir_dataset_free(data);
+
+    data = LOAD_TSV("sentence\tlabel\tlabel\na\t1\t1\n", path);
+    check_tsv_error_at(__LINE__, data, path, 1, "twice");
+    codir_dataset_free(data);
+}
+
+static void test_tsv_empty_and_missing_files(void)
+{
+    char path[512];
+    codir_dataset *data = LOAD_TSV("", path);
+    CHECK(data == NULL, "an empty file loaded");
+    CHECK(strstr(codir_last_error(), path) != NULL, "message does not name the file: %s", codir_last_error());
+    codir_dataset_free(data);
+
+    data = LOAD_TSV("sentence\tlabel\n", path);
+    CHECK(data == NULL, "a header without rows loaded");
+    CHECK(strstr(codir_last_error(), "no rows") != NULL, "message does not say 'no rows': %s", codir_last_error());
+    codir_dataset_free(data);
+
+    CHECK(make_temp_path(path, sizeof path, ".tsv"), "cannot make a temporary path");
+    data = codir_dataset_load_tsv(path);
+    CHECK(data == NULL, "a missing file loaded");
+    CHECK(strstr(codir_last_error(), path) != NULL, "message does not name the file: %s", codir_last_error());
+    codir_dataset_free(data);
+}
+
+const test_case tests_text[] = {
+    {"text tokenizer longest match", test_tokenizer_longest_match},
+    {"text tokenizer whole-word unk", test_tokenizer_whole_word_unk},
+    {"text tokenizer punctuation split", test_tokenizer_punctuation_split},
+    {"text tokenizer lowercase ascii only", test_tokenizer_lowercase},
+    {"text tokenizer long word", test_tokenizer_long_word},
+    {"text tokenizer control characters", test_tokenizer_control_chars},
+    {"text tokenizer cjk split", test_tokenizer_cjk_split},
+    {"text tokenizer invalid utf-8", test_tokenizer_invalid_utf8},
+    {"text tokenizer count like snprintf", test_tokenizer_count_like_snprintf},
+    {"text encode truncation", test_encode_truncation},
+    {"text vocab load crlf", test_vocab_load_crlf},
+    {"text vocab load missing special", test_vocab_load_missing_special},
+    {"text vocab load missing file", test_vocab_load_missing_file},
+    {"text vocab load duplicate later wins", test_vocab_load_duplicate_later_wins},
+    {"text vocab save round trip", test_vocab_save_round_trip},
+    {"text vocab build hand example", test_vocab_build_hand_example},
+    {"text vocab build small target", test_vocab_build_small_target},
+    {"text vocab build bad arguments", test_vocab_build_bad_arguments},
+    {"text vocab build lowercase", test_vocab_build_lowercase},
+    {"text vocab build corpus properties", test_vocab_build_corpus_properties},
+    {"text vocab build stops when merged", test_vocab_build_stops_when_merged_out},
+    {"text tsv quotes literal", test_tsv_quotes_literal},
+    {"text tsv crlf bom no newline", test_tsv_crlf_bom_no_final_newline},
+    {"text tsv trailing empty lines", test_tsv_trailing_empty_lines},
+    {"text tsv columns by name", test_tsv_columns_by_name},
+    {"text tsv bad field count", test_tsv_bad_field_count},
+    {"text tsv bad label", test_tsv_bad_label},
+    {"text tsv missing column", test_tsv_missing_column},
+    {"text tsv empty or missing file", test_tsv_empty_and_missing_files},
+};
+const int tests_text_count = (int)(sizeof tests_text / sizeof tests_text[0]);
