@@ -253,6 +253,10 @@ CODIR_DEF void codir_select_first_backward(float *dinp, const float *dout, int B
 CODIR_DEF void codir_mean_pool_forward(float *out, const float *inp, const int *mask, int B, int T, int C);
 CODIR_DEF void codir_mean_pool_backward(float *dinp, const float *dout, const int *mask, int B, int T, int C);
 
+/* out[P,C] = inp[rows[p], :]; backward: dinp[rows[p], :] += dout[p, :]. */
+CODIR_DEF void codir_gather_rows_forward(float *out, const float *inp, const int *rows, int P, int C);
+CODIR_DEF void codir_gather_rows_backward(float *dinp, const float *dout, const int *rows, int P, int C);
+
 /* out[N, sum of widths] = the rows of inps[0..count-1] side by side. */
 CODIR_DEF void codir_concat_forward(float *out, const float *const *inps, const int *widths, int count, int N);
 CODIR_DEF void codir_concat_backward(float *const *dinps, const float *dout, const int *widths, int count, int N);
@@ -418,6 +422,8 @@ CODIR_DEF codir_tensor *codir_select_first(codir_ctx *ctx, codir_tensor *x);
 CODIR_DEF codir_tensor *codir_mean_pool(codir_ctx *ctx, codir_tensor *x, const codir_itensor *mask);
 /* count tensors [N, C_i] -> [N, sum C_i] */
 CODIR_DEF codir_tensor *codir_concat(codir_ctx *ctx, codir_tensor *const *xs, int count);
+/* x[N, C], rows[P] -> [P, C], the listed rows of x; the backward pass adds into them. */
+CODIR_DEF codir_tensor *codir_gather_rows(codir_ctx *ctx, codir_tensor *x, const int *rows, int count);
 /* [N,C] -> [N,C], rows scaled to unit L2 norm (zero rows stay zero) */
 CODIR_DEF codir_tensor *codir_l2_normalize(codir_ctx *ctx, codir_tensor *x);
 /* logits[N,V], targets[N] -> scalar mean cross-entropy. Rejects targets out of range. */
@@ -445,7 +451,10 @@ typedef struct codir_config {
     int hidden;                 /* C, the model width */
     int num_heads;              /* NH; must divide hidden */
     int ffn;                    /* inner width of the feed-forward block */
-    int num_labels;             /* classifier outputs */
+    int num_labels;             /* classifier outputs; 1 means regression trained with MSE,
+                                   as Hugging Face's BertForSequenceClassification does */
+    int mlm_head;               /* 1 adds the masked-LM head: dense, GELU, LayerNorm, then a
+                                   decoder tied to the token embeddings plus a bias */
     float dropout;              /* probability, 0.1 in BERT */
     float ln_eps;               /* LayerNorm epsilon, 1e-12 in BERT */
 } codir_config;
@@ -485,6 +494,11 @@ typedef struct codir_model {
     codir_tensor *pool_b;       /* [C] */
     codir_tensor *cls_w;        /* [num_labels, C] */
     codir_tensor *cls_b;        /* [num_labels] */
+    codir_tensor *mlm_dense_w;  /* [C, C] masked-LM transform, or NULL without mlm_head */
+    codir_tensor *mlm_dense_b;  /* [C] */
+    codir_tensor *mlm_ln_gamma; /* [C] */
+    codir_tensor *mlm_ln_beta;  /* [C] */
+    codir_tensor *mlm_bias;     /* [V] decoder bias; the decoder weight is tok_emb */
 } codir_model;
 
 /* Creates a model with BERT's initialization: weights from N(0, 0.02^2), biases 0,
@@ -499,8 +513,9 @@ typedef struct codir_batch {
     codir_itensor ids;          /* [B, T] token ids */
     codir_itensor types;        /* [B, T] token-type ids */
     codir_itensor mask;         /* [B, T] 1 for tokens, 0 for padding */
-    codir_itensor labels;       /* [B] class ids */
+    codir_itensor labels;       /* [B] class ids (0 for regression) */
     codir_itensor example_ids;  /* [B] index of each example in its data set */
+    float *targets;             /* [B] regression targets (0 for classification) */
     int capacity_batch, capacity_seq; /* sizes the buffers were allocated for */
 } codir_batch;
 
@@ -515,6 +530,15 @@ typedef struct codir_output {
    nothing is recorded unless ctx->recording. Returns CODIR_OK or an error. */
 CODIR_DEF int codir_model_forward(codir_ctx *ctx, const codir_model *model, const codir_batch *batch,
                                   codir_output *out);
+/* Masked-LM logits [P, V] at the P rows `positions` (indexes b * T + t) of the last
+   hidden layer [B, T, C]: dense, GELU, LayerNorm, then the decoder tied to the token
+   embeddings plus its bias. Computing them only where a token was masked saves the
+   V-wide product at every other position. Needs cfg.mlm_head. */
+CODIR_DEF codir_tensor *codir_mlm_logits(codir_ctx *ctx, const codir_model *model, codir_tensor *hidden,
+                                         const int *positions, int count);
+
+/* Checkpoints: safetensors files and Hugging Face BERT model folders. */
+
 
 /* ===================================================================================
    7. Losses: the CoDIR objective
@@ -707,10 +731,12 @@ CODIR_DEF void codir_dataset_free(codir_dataset *data);
 /* A data set encoded to token ids, each sequence [CLS] pieces [SEP]. */
 typedef struct codir_encoded {
     int count;                  /* examples */
-    int max_len;                /* row stride of ids */
+    int max_len;                /* row stride of ids and types */
     int *lengths;               /* [count] tokens in each sequence */
     int *ids;                   /* [count, max_len] */
-    int *labels;                /* [count] */
+    int *types;                 /* [count, max_len] token types, or NULL for all 0 */
+    int *labels;                /* [count] class ids */
+    float *targets;             /* [count] regression targets, or NULL for classification */
     int num_classes;
 } codir_encoded;
 
@@ -733,7 +759,23 @@ CODIR_DEF int codir_bucket_by_length(int *order, int n, const codir_encoded *enc
    10. Training loop
    =================================================================================== */
 
-/* One step of task-only training: forward with dropout, cross-entropy, backward,
+/* Adds the gradients of the task loss on one batch, times `weight`, to the model's
+   parameter gradients: cross-entropy for classification, mean squared error when
+   num_labels is 1. With weight = micro-batch size / full batch size, micro-batches
+   accumulate the gradient of the full batch's mean loss. Does not zero gradients. */
+CODIR_DEF int codir_task_accumulate(codir_ctx *ctx, codir_model *model, const codir_batch *batch, float weight,
+                                    uint64_t step, codir_loss_terms *terms);
+/* The same for the CoDIR objective. With update_bank = 1 the batch's bank rows move
+   toward the new teacher projections afterwards. */
+CODIR_DEF int codir_distill_accumulate(codir_ctx *ctx, codir_model *student, const codir_model *teacher,
+                                       codir_distiller *d, const codir_batch *batch, float weight, uint64_t step,
+                                       int update_bank, codir_loss_terms *terms);
+/* Scales all gradients of params[count] so that their joint L2 norm is at most max_norm,
+   as torch.nn.utils.clip_grad_norm_ (scale max_norm / (norm + 1e-6) when the norm is
+   larger). Returns the norm before clipping. */
+CODIR_DEF double codir_clip_grad_norm(codir_params *const *params, int count, double max_norm);
+
+/* One step of task-only training: forward with dropout, task loss, backward,
    AdamW. Returns CODIR_ERR_NONFINITE naming the term if the loss or a gradient is
    NaN or Inf, before any parameter changes. */
 CODIR_DEF int codir_task_step(codir_ctx *ctx, codir_model *model, codir_adamw *opt, const codir_batch *batch,
@@ -743,9 +785,34 @@ CODIR_DEF int codir_task_step(codir_ctx *ctx, codir_model *model, codir_adamw *o
 CODIR_DEF int codir_distill_step(codir_ctx *ctx, codir_model *student, const codir_model *teacher,
                                  codir_distiller *d, codir_adamw *opt_student, codir_adamw *opt_heads,
                                  const codir_batch *batch, float lr, codir_loss_terms *terms);
-/* Accuracy of model on enc, in batches of batch_size, without dropout or tape. */
+/* Writes the model's outputs for every example of enc to out[count, num_labels], in
+   batches of batch_size, without dropout or tape. */
+CODIR_DEF int codir_predict(codir_ctx *ctx, const codir_model *model, const codir_encoded *enc, int batch_size,
+                            float *out);
+
+/* GLUE's metrics. Classification: accuracy, F1 of class 1 (MRPC, QQP) and Matthews
+   correlation (CoLA); regression: Pearson and Spearman correlation (STS-B). A metric
+   that does not apply, or whose denominator is zero, is NaN (so is F1 with no
+   positive prediction and no positive label). */
+typedef struct codir_scores {
+    double accuracy, f1, matthews;
+    double pearson, spearman;
+} codir_scores;
+
+CODIR_DEF double codir_accuracy(const int *pred, const int *gold, int n);
+/* F1 of class `positive`: 2 tp / (2 tp + fp + fn). */
+CODIR_DEF double codir_f1(const int *pred, const int *gold, int n, int positive);
+/* Matthews correlation for any number of classes (Gorodkin's R_K, as
+   sklearn.metrics.matthews_corrcoef); the usual phi coefficient for two. */
+CODIR_DEF double codir_matthews(const int *pred, const int *gold, int n, int num_classes);
+CODIR_DEF double codir_pearson(const float *x, const float *y, int n);
+/* Pearson correlation of the ranks; tied values share their average rank. Returns
+   CODIR_OK, or CODIR_ERR_NOMEM for its rank buffers. */
+CODIR_DEF int codir_spearman(const float *x, const float *y, int n, double *out);
+
+/* Scores of model on enc: every metric that applies to its task, the rest NaN. */
 CODIR_DEF int codir_evaluate(codir_ctx *ctx, const codir_model *model, const codir_encoded *enc,
-                             int batch_size, double *accuracy);
+                             int batch_size, codir_scores *scores);
 
 #ifdef __cplusplus
 }
@@ -1615,6 +1682,19 @@ CODIR_DEF void codir_mean_pool_backward(float *dinp, const float *dout, const in
             for (c = 0; c < C; c++) dx[c] += dout[(size_t)b * C + c] / (float)n;
         }
     }
+}
+
+CODIR_DEF void codir_gather_rows_forward(float *out, const float *inp, const int *rows, int P, int C)
+{
+    int p;
+    for (p = 0; p < P; p++) memcpy(out + (size_t)p * C, inp + (size_t)rows[p] * C, (size_t)C * sizeof(float));
+}
+
+CODIR_DEF void codir_gather_rows_backward(float *dinp, const float *dout, const int *rows, int P, int C)
+{
+    int p, c;
+    for (p = 0; p < P; p++)
+        for (c = 0; c < C; c++) dinp[(size_t)rows[p] * C + c] += dout[(size_t)p * C + c];
 }
 
 CODIR_DEF void codir_concat_forward(float *out, const float *const *inps, const int *widths, int count, int N)
@@ -2766,6 +2846,7 @@ enum codir__op {
     CODIR__OP_SELECT_FIRST,
     CODIR__OP_MEAN_POOL,
     CODIR__OP_CONCAT,
+    CODIR__OP_GATHER_ROWS,
     CODIR__OP_L2_NORMALIZE,
     CODIR__OP_CROSS_ENTROPY,
     CODIR__OP_MSE,
@@ -2957,6 +3038,8 @@ CODIR_DEF codir_tensor *codir_linear(codir_ctx *ctx, codir_tensor *x, codir_tens
     if (rg && !(node = codir__record(ctx, CODIR__OP_LINEAR, out, x, w, b))) return NULL;
     return out;
 }
+
+static int codir__rows(const codir_tensor *x);
 
 /* Returns 1 if a and b have the same shape. */
 static int codir__same_shape(const codir_tensor *a, const codir_tensor *b)
@@ -3229,6 +3312,31 @@ CODIR_DEF codir_tensor *codir_concat(codir_ctx *ctx, codir_tensor *const *xs, in
     return out;
 }
 
+CODIR_DEF codir_tensor *codir_gather_rows(codir_ctx *ctx, codir_tensor *x, const int *rows, int count)
+{
+    codir_tensor *out;
+    codir_node *node;
+    int C, N, rg, shape[2], p;
+    if (!x || (count > 0 && !rows)) return codir__op_failed(ctx, ctx->status ? ctx->status : CODIR_ERR_INVALID);
+    C = x->shape[x->ndim - 1];
+    N = codir__rows(x);
+    if (count < 1) return codir__op_error(ctx, CODIR_ERR_INVALID, "gather: %d rows requested; need at least 1", count);
+    for (p = 0; p < count; p++)
+        if (rows[p] < 0 || rows[p] >= N)
+            return codir__op_error(ctx, CODIR_ERR_INVALID, "gather: row %d is outside 0..%d", rows[p], N - 1);
+    rg = codir__needs_grad(ctx, x, NULL, NULL);
+    shape[0] = count;
+    shape[1] = C;
+    out = codir_tensor_new(ctx, 2, shape, rg);
+    if (!out) return NULL;
+    codir_gather_rows_forward(out->data, x->data, rows, count, C);
+    if (rg) {
+        if (!(node = codir__record(ctx, CODIR__OP_GATHER_ROWS, out, x, NULL, NULL))) return NULL;
+        node->ints[0] = rows;
+    }
+    return out;
+}
+
 /* eps of F.normalize's default, so a zero row stays zero. */
 #define CODIR__NORMALIZE_EPS 1e-12f
 
@@ -3462,6 +3570,9 @@ static int codir__node_backward(codir_ctx *ctx, const codir_node *n)
         codir_concat_backward(dinps, out->grad, n->ints[0], n->count, out->shape[0]);
         break;
     }
+    case CODIR__OP_GATHER_ROWS:
+        if (dx) codir_gather_rows_backward(dx, out->grad, n->ints[0], out->shape[0], out->shape[1]);
+        break;
     case CODIR__OP_L2_NORMALIZE: {
         int C = x->shape[x->ndim - 1];
         if (dx) codir_l2_normalize_backward(dx, out->grad, out->data, n->saved[0], codir__rows(x), C, CODIR__NORMALIZE_EPS);
@@ -3531,6 +3642,7 @@ CODIR_DEF codir_config codir_config_default(void)
     cfg.num_heads = 4;
     cfg.ffn = 1024;
     cfg.num_labels = 2;
+    cfg.mlm_head = 0;
     cfg.dropout = 0.1f;
     cfg.ln_eps = 1e-12f;
     return cfg;
@@ -3555,6 +3667,8 @@ CODIR_DEF int codir_config_check(const codir_config *cfg)
     if (!(cfg->dropout >= 0.0f && cfg->dropout < 1.0f))
         return codir__fail(CODIR_ERR_INVALID, "dropout %g must be in [0, 1)", (double)cfg->dropout);
     if (!(cfg->ln_eps > 0.0f)) return codir__fail(CODIR_ERR_INVALID, "ln_eps %g must be positive", (double)cfg->ln_eps);
+    if (cfg->mlm_head != 0 && cfg->mlm_head != 1)
+        return codir__fail(CODIR_ERR_INVALID, "mlm_head %d must be 0 or 1", cfg->mlm_head);
     return CODIR_OK;
 }
 
@@ -3595,7 +3709,7 @@ CODIR_DEF codir_model *codir_model_create(const codir_config *cfg, uint64_t seed
     C = cfg->hidden;
     F = cfg->ffn;
     L = cfg->num_layers;
-    max_specs = 9 + CODIR__TENSORS_PER_LAYER * L;
+    max_specs = 14 + CODIR__TENSORS_PER_LAYER * L;
     m = (codir_model *)codir__calloc(1, sizeof *m);
     specs = (codir_param_spec *)codir__calloc((size_t)max_specs, sizeof *specs);
     names = (char(*)[48])codir__calloc((size_t)max_specs, 48);
@@ -3627,6 +3741,13 @@ CODIR_DEF codir_model *codir_model_create(const codir_config *cfg, uint64_t seed
     codir__spec(specs, names, &n, 1, C, 0, "pooler.bias", 0);
     codir__spec(specs, names, &n, 0, cfg->num_labels, C, "classifier.weight", 0);
     codir__spec(specs, names, &n, 1, cfg->num_labels, 0, "classifier.bias", 0);
+    if (cfg->mlm_head) {
+        codir__spec(specs, names, &n, 0, C, C, "mlm.dense.weight", 0);
+        codir__spec(specs, names, &n, 1, C, 0, "mlm.dense.bias", 0);
+        codir__spec(specs, names, &n, 1, C, 0, "mlm.ln.gamma", 0);
+        codir__spec(specs, names, &n, 1, C, 0, "mlm.ln.beta", 0);
+        codir__spec(specs, names, &n, 1, cfg->vocab_size, 0, "mlm.decoder.bias", 0);
+    }
     rc = codir_params_init(&m->params, specs, n);
     if (rc) goto fail;
 
@@ -3656,6 +3777,13 @@ CODIR_DEF codir_model *codir_model_create(const codir_config *cfg, uint64_t seed
     m->pool_b = &m->params.tensors[i++];
     m->cls_w = &m->params.tensors[i++];
     m->cls_b = &m->params.tensors[i++];
+    if (cfg->mlm_head) {
+        m->mlm_dense_w = &m->params.tensors[i++];
+        m->mlm_dense_b = &m->params.tensors[i++];
+        m->mlm_ln_gamma = &m->params.tensors[i++];
+        m->mlm_ln_beta = &m->params.tensors[i++];
+        m->mlm_bias = &m->params.tensors[i++];
+    }
 
     /* BERT's initialization: matrices and embeddings N(0, 0.02^2); biases and
        LayerNorm beta 0 (the blocks are zeroed); LayerNorm gamma 1. */
@@ -3736,6 +3864,20 @@ CODIR_DEF int codir_model_forward(codir_ctx *ctx, const codir_model *model, cons
     if (!out->logits) return ctx->status ? ctx->status : CODIR_ERR_INVALID;
     return CODIR_OK;
 }
+
+CODIR_DEF codir_tensor *codir_mlm_logits(codir_ctx *ctx, const codir_model *model, codir_tensor *hidden,
+                                         const int *positions, int count)
+{
+    codir_tensor *h;
+    if (!model->cfg.mlm_head)
+        return codir__op_error(ctx, CODIR_ERR_INVALID, "masked-LM logits need a model created with mlm_head = 1");
+    h = codir_gather_rows(ctx, hidden, positions, count);
+    h = codir_gelu(ctx, codir_linear(ctx, h, model->mlm_dense_w, model->mlm_dense_b));
+    h = codir_layernorm(ctx, h, model->mlm_ln_gamma, model->mlm_ln_beta, model->cfg.ln_eps);
+    return codir_linear(ctx, h, model->tok_emb, model->mlm_bias);
+}
+
+
 
 /* ===================================================================================
    7. Losses: the CoDIR objective (implementation)
@@ -5582,6 +5724,8 @@ CODIR_DEF void codir_encoded_free(codir_encoded *enc)
     codir__free(enc->lengths);
     codir__free(enc->labels);
     codir__free(enc->ids);
+    codir__free(enc->types);
+    codir__free(enc->targets);
     codir__free(enc);
 }
 
@@ -5609,8 +5753,9 @@ CODIR_DEF int codir_batch_init(codir_batch *batch, int max_batch, int max_len)
     batch->mask.data = (int *)codir__calloc(n, sizeof(int));
     batch->labels.data = (int *)codir__calloc((size_t)max_batch, sizeof(int));
     batch->example_ids.data = (int *)codir__calloc((size_t)max_batch, sizeof(int));
+    batch->targets = (float *)codir__calloc((size_t)max_batch, sizeof(float));
     if (!batch->ids.data || !batch->types.data || !batch->mask.data || !batch->labels.data ||
-        !batch->example_ids.data) {
+        !batch->example_ids.data || !batch->targets) {
         codir_batch_free(batch);
         return CODIR_ERR_NOMEM;
     }
@@ -5626,6 +5771,7 @@ CODIR_DEF void codir_batch_free(codir_batch *batch)
     codir__free(batch->mask.data);
     codir__free(batch->labels.data);
     codir__free(batch->example_ids.data);
+    codir__free(batch->targets);
     memset(batch, 0, sizeof *batch);
 }
 
@@ -5651,13 +5797,15 @@ CODIR_DEF int codir_batch_fill(codir_batch *batch, const codir_encoded *enc, con
     for (b = 0; b < count; b++) {
         int e = order ? order[start + b] : start + b;
         const int *src = enc->ids + (size_t)e * enc->max_len;
+        const int *types = enc->types ? enc->types + (size_t)e * enc->max_len : NULL;
         for (t = 0; t < T; t++) {
             int real = t < enc->lengths[e];
             batch->ids.data[b * T + t] = real ? src[t] : 0;
-            batch->types.data[b * T + t] = 0;
+            batch->types.data[b * T + t] = real && types ? types[t] : 0;
             batch->mask.data[b * T + t] = real;
         }
-        batch->labels.data[b] = enc->labels[e];
+        batch->labels.data[b] = enc->labels ? enc->labels[e] : 0;
+        batch->targets[b] = enc->targets ? enc->targets[e] : 0.0f;
         batch->example_ids.data[b] = e;
     }
     batch->batch = count;
@@ -5738,44 +5886,45 @@ static int codir__check_terms(const codir_loss_terms *terms, uint64_t step)
     return CODIR_OK;
 }
 
-CODIR_DEF int codir_task_step(codir_ctx *ctx, codir_model *model, codir_adamw *opt, const codir_batch *batch,
-                              float lr, codir_loss_terms *terms)
+/* Returns the task loss of a batch: mean squared error against the targets for a
+   regression model (num_labels 1), cross-entropy against the labels otherwise. */
+static codir_tensor *codir__task_loss(codir_ctx *ctx, const codir_model *model, codir_tensor *logits,
+                                      const codir_batch *batch)
+{
+    if (model->cfg.num_labels == 1) return codir_mse(ctx, logits, batch->targets);
+    return codir_cross_entropy(ctx, logits, &batch->labels);
+}
+
+CODIR_DEF int codir_task_accumulate(codir_ctx *ctx, codir_model *model, const codir_batch *batch, float weight,
+                                    uint64_t step, codir_loss_terms *terms)
 {
     codir_output out;
     codir_tensor *loss;
-    const char *bad;
-    uint64_t step = (uint64_t)opt->step;
     int rc;
 
     codir_ctx_begin(ctx, 1, 1, step);
     rc = codir_model_forward(ctx, model, batch, &out);
     if (rc) return rc;
-    loss = codir_cross_entropy(ctx, out.logits, &batch->labels);
+    loss = codir__task_loss(ctx, model, out.logits, batch);
     if (!loss) return ctx->status;
     memset(terms, 0, sizeof *terms);
     terms->task = terms->total = loss->data[0];
     rc = codir__check_terms(terms, step);
     if (rc) return rc;
-
-    codir_params_zero_grad(&model->params);
-    rc = codir_backward(ctx, loss);
-    if (rc) return rc;
-    if ((bad = codir__nonfinite_grad(&model->params)))
-        return codir__fail(CODIR_ERR_NONFINITE, "step %llu: gradient of %s is NaN or Inf", (unsigned long long)step, bad);
-    codir_adamw_step(opt, &model->params, lr);
-    return CODIR_OK;
+    return codir_backward_scaled(ctx, loss, weight);
 }
 
-CODIR_DEF int codir_distill_step(codir_ctx *ctx, codir_model *student, const codir_model *teacher,
-                                 codir_distiller *d, codir_adamw *opt_student, codir_adamw *opt_heads,
-                                 const codir_batch *batch, float lr, codir_loss_terms *terms)
+/* Runs the CoDIR forward and backward passes of codir_distill_accumulate; *zt_out
+   receives the teacher projections for the bank update, or NULL when lambda is 0. */
+static int codir__distill_backward(codir_ctx *ctx, codir_model *student, const codir_model *teacher,
+                                   codir_distiller *d, const codir_batch *batch, float weight, uint64_t step,
+                                   codir_loss_terms *terms, codir_tensor **zt_out)
 {
     codir_output s_out, t_out;
     codir_tensor *parts[3] = {NULL, NULL, NULL}, *loss, *zt = NULL;
     float weights[3];
-    const char *bad;
-    uint64_t step = (uint64_t)opt_student->step;
     int rc;
+    *zt_out = NULL;
 
     /* 1. The frozen teacher: no dropout, no tape. */
     codir_ctx_begin(ctx, 0, 0, step);
@@ -5788,12 +5937,19 @@ CODIR_DEF int codir_distill_step(codir_ctx *ctx, codir_model *student, const cod
     rc = codir_model_forward(ctx, student, batch, &s_out);
     if (rc) return rc;
 
-    /* 3. L = (1 - beta) CE + beta T^2 KL(p_t || p_s) + lambda L_crd, each a batch mean. */
+    /* 3. L = (1 - beta) L_task + beta L_kd + lambda L_crd, each a batch mean. L_kd is
+       T^2 KL(p_t || p_s) for classification and the squared error between student and
+       teacher outputs for regression, where there is no distribution to soften. */
     weights[0] = 1.0f - d->cfg.beta;
     weights[1] = d->cfg.beta;
     weights[2] = d->cfg.lambda;
-    parts[0] = codir_cross_entropy(ctx, s_out.logits, &batch->labels);
-    if (weights[1] != 0.0f) parts[1] = codir_kl_div(ctx, s_out.logits, t_out.logits, d->cfg.temperature);
+    parts[0] = codir__task_loss(ctx, student, s_out.logits, batch);
+    if (weights[1] != 0.0f) {
+        if (student->cfg.num_labels == 1)
+            parts[1] = codir_mse(ctx, s_out.logits, t_out.logits ? t_out.logits->data : NULL);
+        else
+            parts[1] = codir_kl_div(ctx, s_out.logits, t_out.logits, d->cfg.temperature);
+    }
     if (weights[2] != 0.0f) parts[2] = codir_crd_loss(ctx, d, &s_out, &t_out, batch, &zt);
     loss = codir_weighted_sum(ctx, parts, weights, 3);
     if (!loss) return ctx->status;
@@ -5804,50 +5960,240 @@ CODIR_DEF int codir_distill_step(codir_ctx *ctx, codir_model *student, const cod
     rc = codir__check_terms(terms, step);
     if (rc) return rc;
 
-    /* 4. Backward into the student and both projection heads, then update. */
+    /* 4. Backward into the student and both projection heads. */
+    *zt_out = zt;
+    return codir_backward_scaled(ctx, loss, weight);
+}
+
+CODIR_DEF int codir_distill_accumulate(codir_ctx *ctx, codir_model *student, const codir_model *teacher,
+                                       codir_distiller *d, const codir_batch *batch, float weight, uint64_t step,
+                                       int update_bank, codir_loss_terms *terms)
+{
+    codir_tensor *zt;
+    int rc = codir__distill_backward(ctx, student, teacher, d, batch, weight, step, terms, &zt);
+    if (rc) return rc;
+
+    /* Move the bank rows of this batch toward the new teacher projections. */
+    if (update_bank && zt) codir_bank_update(d, zt->data, batch->example_ids.data, batch->batch);
+    return CODIR_OK;
+}
+
+CODIR_DEF double codir_clip_grad_norm(codir_params *const *params, int count, double max_norm)
+{
+    double ss = 0.0, norm, scale;
+    size_t k;
+    int i;
+    for (i = 0; i < count; i++)
+        for (k = 0; k < params[i]->count; k++) ss += (double)params[i]->grad[k] * params[i]->grad[k];
+    norm = sqrt(ss);
+    scale = max_norm / (norm + 1e-6);
+    if (scale < 1.0)
+        for (i = 0; i < count; i++)
+            for (k = 0; k < params[i]->count; k++) params[i]->grad[k] = (float)(params[i]->grad[k] * scale);
+    return norm;
+}
+
+CODIR_DEF int codir_task_step(codir_ctx *ctx, codir_model *model, codir_adamw *opt, const codir_batch *batch,
+                              float lr, codir_loss_terms *terms)
+{
+    uint64_t step = (uint64_t)opt->step;
+    const char *bad;
+    int rc;
+    codir_params_zero_grad(&model->params);
+    rc = codir_task_accumulate(ctx, model, batch, 1.0f, step, terms);
+    if (rc) return rc;
+    if ((bad = codir__nonfinite_grad(&model->params)))
+        return codir__fail(CODIR_ERR_NONFINITE, "step %llu: gradient of %s is NaN or Inf", (unsigned long long)step, bad);
+    codir_adamw_step(opt, &model->params, lr);
+    return CODIR_OK;
+}
+
+CODIR_DEF int codir_distill_step(codir_ctx *ctx, codir_model *student, const codir_model *teacher,
+                                 codir_distiller *d, codir_adamw *opt_student, codir_adamw *opt_heads,
+                                 const codir_batch *batch, float lr, codir_loss_terms *terms)
+{
+    uint64_t step = (uint64_t)opt_student->step;
+    codir_tensor *zt;
+    const char *bad;
+    int rc;
     codir_params_zero_grad(&student->params);
     codir_params_zero_grad(&d->params);
-    rc = codir_backward(ctx, loss);
+    rc = codir__distill_backward(ctx, student, teacher, d, batch, 1.0f, step, terms, &zt);
     if (rc) return rc;
     if ((bad = codir__nonfinite_grad(&student->params)) || (bad = codir__nonfinite_grad(&d->params)))
         return codir__fail(CODIR_ERR_NONFINITE, "step %llu: gradient of %s is NaN or Inf", (unsigned long long)step, bad);
     codir_adamw_step(opt_student, &student->params, lr);
     codir_adamw_step(opt_heads, &d->params, lr);
 
-    /* 5. Move the bank rows of this batch toward the new teacher projections. */
+    /* The bank moves only after the step succeeded, so a rejected step leaves it as it was. */
     if (zt) codir_bank_update(d, zt->data, batch->example_ids.data, batch->batch);
     return CODIR_OK;
 }
 
-CODIR_DEF int codir_evaluate(codir_ctx *ctx, const codir_model *model, const codir_encoded *enc,
-                             int batch_size, double *accuracy)
+CODIR_DEF int codir_predict(codir_ctx *ctx, const codir_model *model, const codir_encoded *enc, int batch_size,
+                            float *out)
 {
     codir_batch batch;
-    long correct = 0;
-    int start, rc;
-    if (enc->count < 1) return codir__fail(CODIR_ERR_INVALID, "cannot evaluate on an empty data set");
+    int start, rc, V = model->cfg.num_labels;
+    if (enc->count < 1) return codir__fail(CODIR_ERR_INVALID, "cannot predict on an empty data set");
     rc = codir_batch_init(&batch, batch_size, enc->max_len);
     if (rc) return rc;
-    for (start = 0; start < enc->count; start += batch_size) {
-        int n = enc->count - start < batch_size ? enc->count - start : batch_size, b, v;
-        codir_output out;
+    for (start = 0; start < enc->count && !rc; start += batch_size) {
+        int n = enc->count - start < batch_size ? enc->count - start : batch_size;
+        codir_output o;
         rc = codir_batch_fill(&batch, enc, NULL, start, n);
         if (rc) break;
         codir_ctx_begin(ctx, 0, 0, 0);
-        rc = codir_model_forward(ctx, model, &batch, &out);
-        if (rc) break;
-        for (b = 0; b < n; b++) {
-            const float *row = out.logits->data + (size_t)b * model->cfg.num_labels;
-            int best = 0;
-            for (v = 1; v < model->cfg.num_labels; v++)
-                if (row[v] > row[best]) best = v;
-            correct += best == batch.labels.data[b];
-        }
+        rc = codir_model_forward(ctx, model, &batch, &o);
+        if (!rc) memcpy(out + (size_t)start * V, o.logits->data, (size_t)n * V * sizeof(float));
     }
     codir_batch_free(&batch);
-    if (rc) return rc;
-    *accuracy = (double)correct / enc->count;
+    return rc;
+}
+
+/* ---- metrics ---- */
+
+CODIR_DEF double codir_accuracy(const int *pred, const int *gold, int n)
+{
+    int i, correct = 0;
+    for (i = 0; i < n; i++) correct += pred[i] == gold[i];
+    return n > 0 ? (double)correct / n : NAN;
+}
+
+CODIR_DEF double codir_f1(const int *pred, const int *gold, int n, int positive)
+{
+    long tp = 0, fp = 0, fn = 0;
+    int i;
+    for (i = 0; i < n; i++) {
+        tp += pred[i] == positive && gold[i] == positive;
+        fp += pred[i] == positive && gold[i] != positive;
+        fn += pred[i] != positive && gold[i] == positive;
+    }
+    return tp + fp + fn > 0 ? 2.0 * tp / (2.0 * tp + fp + fn) : NAN;
+}
+
+CODIR_DEF double codir_matthews(const int *pred, const int *gold, int n, int num_classes)
+{
+    /* R_K = (c s - sum_k p_k t_k) / sqrt((s^2 - sum p_k^2)(s^2 - sum t_k^2)), with c
+       correct predictions, s samples, p_k predictions of class k, t_k labels of class k. */
+    double c = 0, s = n, pt = 0, pp = 0, tt = 0, denom;
+    int i, k;
+    for (k = 0; k < num_classes; k++) {
+        double p = 0, t = 0;
+        for (i = 0; i < n; i++) {
+            p += pred[i] == k;
+            t += gold[i] == k;
+        }
+        pt += p * t;
+        pp += p * p;
+        tt += t * t;
+    }
+    for (i = 0; i < n; i++) c += pred[i] == gold[i];
+    denom = sqrt((s * s - pp) * (s * s - tt));
+    return denom > 0.0 ? (c * s - pt) / denom : NAN;
+}
+
+CODIR_DEF double codir_pearson(const float *x, const float *y, int n)
+{
+    double mx = 0, my = 0, sxy = 0, sxx = 0, syy = 0;
+    int i;
+    if (n < 2) return NAN;
+    for (i = 0; i < n; i++) {
+        mx += x[i];
+        my += y[i];
+    }
+    mx /= n;
+    my /= n;
+    for (i = 0; i < n; i++) {
+        sxy += (x[i] - mx) * (y[i] - my);
+        sxx += (x[i] - mx) * (x[i] - mx);
+        syy += (y[i] - my) * (y[i] - my);
+    }
+    return sxx > 0.0 && syy > 0.0 ? sxy / sqrt(sxx * syy) : NAN;
+}
+
+/* Writes the 1-based ranks of x[n] to rank[n], ties sharing their average rank;
+   order[n] is scratch. */
+static void codir__ranks(const float *x, int n, int *order, float *rank)
+{
+    int i, j, lo;
+    /* insertion sort of indexes by value: n is a dev set, and this keeps ties stable */
+    for (i = 0; i < n; i++) {
+        int e = i;
+        for (j = i; j > 0 && x[order[j - 1]] > x[e]; j--) order[j] = order[j - 1];
+        order[j] = e;
+    }
+    for (lo = 0; lo < n;) {
+        int hi = lo + 1;
+        while (hi < n && x[order[hi]] == x[order[lo]]) hi++;
+        for (j = lo; j < hi; j++) rank[order[j]] = (float)(0.5 * (lo + 1 + hi));
+        lo = hi;
+    }
+}
+
+CODIR_DEF int codir_spearman(const float *x, const float *y, int n, double *out)
+{
+    int *order = (int *)codir__calloc((size_t)(n > 0 ? n : 1), sizeof(int));
+    float *rx = (float *)codir__calloc((size_t)(n > 0 ? n : 1), sizeof(float));
+    float *ry = (float *)codir__calloc((size_t)(n > 0 ? n : 1), sizeof(float));
+    if (!order || !rx || !ry) {
+        codir__free(order);
+        codir__free(rx);
+        codir__free(ry);
+        return CODIR_ERR_NOMEM;
+    }
+    codir__ranks(x, n, order, rx);
+    codir__ranks(y, n, order, ry);
+    *out = codir_pearson(rx, ry, n);
+    codir__free(order);
+    codir__free(rx);
+    codir__free(ry);
     return CODIR_OK;
+}
+
+CODIR_DEF int codir_evaluate(codir_ctx *ctx, const codir_model *model, const codir_encoded *enc,
+                             int batch_size, codir_scores *scores)
+{
+    int V = model->cfg.num_labels, i, v, rc;
+    float *out;
+    int *pred = NULL;
+    size_t n;
+    scores->accuracy = scores->f1 = scores->matthews = scores->pearson = scores->spearman = NAN;
+    if (!codir__size_mul((size_t)(enc->count > 0 ? enc->count : 1), (size_t)V, &n))
+        return codir__fail(CODIR_ERR_OVERFLOW, "%d examples x %d outputs overflow size_t", enc->count, V);
+    out = (float *)codir__calloc(n, sizeof(float));
+    if (!out) return CODIR_ERR_NOMEM;
+    rc = codir_predict(ctx, model, enc, batch_size, out);
+    if (rc) goto done;
+    if (V == 1) {
+        if (!enc->targets) {
+            rc = codir__fail(CODIR_ERR_INVALID, "a regression model needs data with float targets");
+            goto done;
+        }
+        scores->pearson = codir_pearson(out, enc->targets, enc->count);
+        rc = codir_spearman(out, enc->targets, enc->count, &scores->spearman);
+        goto done;
+    }
+    pred = (int *)codir__calloc((size_t)enc->count, sizeof(int));
+    if (!pred) {
+        rc = CODIR_ERR_NOMEM;
+        goto done;
+    }
+    for (i = 0; i < enc->count; i++) {
+        const float *row = out + (size_t)i * V;
+        int best = 0;
+        for (v = 1; v < V; v++)
+            if (row[v] > row[best]) best = v;
+        pred[i] = best;
+    }
+    scores->accuracy = codir_accuracy(pred, enc->labels, enc->count);
+    scores->matthews = codir_matthews(pred, enc->labels, enc->count, V);
+    if (V == 2) scores->f1 = codir_f1(pred, enc->labels, enc->count, 1);
+
+done:
+    codir__free(out);
+    codir__free(pred);
+    return rc;
 }
 
 #endif /* CODIR_IMPLEMENTATION_DONE */

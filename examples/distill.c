@@ -203,7 +203,8 @@ static int train(run_data *rd, const char *name, codir_model *model, const codir
     for (i = 0; i < rd->train->count; i++) rd->order[i] = i;
 
     for (epoch = 1; epoch <= epochs && !status; epoch++) {
-        double t0 = now_seconds(), sums[4] = {0, 0, 0, 0}, acc;
+        double t0 = now_seconds(), sums[4] = {0, 0, 0, 0};
+        codir_scores dev;
         long start, n_steps = 0;
         codir_shuffle(rd->order, rd->train->count, &rng);
         codir_bucket_by_length(rd->order, rd->train->count, rd->train, 16 * o->batch_size, o->batch_size, &rng);
@@ -226,13 +227,13 @@ static int train(run_data *rd, const char *name, codir_model *model, const codir
             n_steps++;
         }
         if (status) break;
-        if (codir_evaluate(&rd->ctx, model, rd->dev, 64, &acc)) {
+        if (codir_evaluate(&rd->ctx, model, rd->dev, 64, &dev)) {
             fprintf(stderr, "distill: evaluating %s failed: %s\n", name, codir_last_error());
             status = 1;
             break;
         }
         printf("train model=%s epoch=%d step=%ld loss=%.4f task=%.4f kd=%.4f crd=%.4f dev_acc=%.4f examples_per_s=%.0f\n",
-               name, epoch, step, sums[0] / n_steps, sums[1] / n_steps, sums[2] / n_steps, sums[3] / n_steps, acc,
+               name, epoch, step, sums[0] / n_steps, sums[1] / n_steps, sums[2] / n_steps, sums[3] / n_steps, dev.accuracy,
                rd->train->count / (now_seconds() - t0));
         fflush(stdout);
     }
@@ -260,11 +261,13 @@ static int measure(run_data *rd, const char *name, const codir_model *model, rep
     r->infer_per_s = 0.0;
     for (pass = 0; pass < 3; pass++) {
         double t0 = now_seconds(), rate;
-        if (codir_evaluate(&rd->ctx, model, rd->dev, 32, &r->dev_acc)) {
+        codir_scores dev;
+        if (codir_evaluate(&rd->ctx, model, rd->dev, 32, &dev)) {
             fprintf(stderr, "distill: evaluating %s failed: %s\n", name, codir_last_error());
             return 1;
         }
         rate = rd->dev->count / (now_seconds() - t0);
+        r->dev_acc = dev.accuracy;
         if (rate > r->infer_per_s) r->infer_per_s = rate;
     }
     return 0;

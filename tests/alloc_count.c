@@ -84,7 +84,7 @@ int main(void)
     codir_batch batch;
     codir_adamw opt_s, opt_h, opt_t;
     codir_loss_terms terms;
-    double accuracy;
+    codir_scores scores;
     int i, step;
 
     /* Six hand-made sequences of up to 6 tokens over a vocabulary of 20. */
@@ -130,7 +130,7 @@ int main(void)
         require(codir_distill_step(&ctx, student, teacher, d, &opt_s, &opt_h, &batch, 1e-3f, &terms) == CODIR_OK,
                 "codir_distill_step");
     }
-    require(codir_evaluate(&ctx, student, &enc, 4, &accuracy) == CODIR_OK, "codir_evaluate");
+    require(codir_evaluate(&ctx, student, &enc, 4, &scores) == CODIR_OK, "codir_evaluate");
 
     codir_adamw_free(&opt_t);
     codir_adamw_free(&opt_s);

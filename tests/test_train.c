@@ -1,0 +1,4 @@
+#include "check.h"
+
+const test_case tests_train[] = {{NULL, NULL}};
+const int tests_train_count = 0;
