@@ -296,6 +296,21 @@ CODIR_DEF void codir_kl_div_backward(float *dstudent, const float *ps, const flo
    exp never overflows at small tau. probs[B,K+1] receives softmax(x). */
 CODIR_DEF double codir_infonce_forward(float *probs, const float *zs, const float *zt, const float *bank,
                                        const int *neg, int B, int D, int K, float tau);
+/* One direction of the NCE loss of CRD (Tian, Krishnan, Isola 2020) as the official
+   CoDIR code uses it. idx[B, K+1] lists bank rows, the positive (the example's own
+   row) first. With log P_j = <anchor_b, bank[idx_bj]> / tau - log_z and c = K / N:
+       loss = mean_b [ softplus(log c - log P_0) + sum_{j>=1} softplus(log P_j - log c) ]
+   which is -log(P_0 / (P_0 + c)) - sum log(c / (P_j + c)) computed in log space, so
+   exp(<a, b> / 0.07) never has to be represented. logp[B, K+1] receives log P. */
+CODIR_DEF double codir_nce_forward(float *logp, const float *anchor, const float *bank, const int *idx, int B,
+                                   int D, int K, float tau, double log_z, double log_c);
+CODIR_DEF void codir_nce_backward(float *danchor, const float *logp, const float *bank, const int *idx,
+                                  float dloss, int B, int D, int K, float tau, double log_c);
+/* log Z = log N + log mean_{b,j} exp(<anchor_b, bank[idx_bj]> / tau): the normalizer
+   CRD estimates from the first batch, computed with the maximum taken out. */
+CODIR_DEF double codir_nce_log_normalizer(const float *anchor, const float *bank, const int *idx, int B, int D,
+                                          int K, float tau, int N);
+
 /* dzs and dzt may be NULL; bank rows never receive a gradient. */
 CODIR_DEF void codir_infonce_backward(float *dzs, float *dzt, const float *probs, const float *zs,
                                       const float *zt, const float *bank, const int *neg, float dloss,
@@ -435,6 +450,9 @@ CODIR_DEF codir_tensor *codir_kl_div(codir_ctx *ctx, codir_tensor *student, codi
 /* zs[B,D], zt[B,D], bank[rows,D], neg[B,K] -> scalar InfoNCE loss. */
 CODIR_DEF codir_tensor *codir_infonce(codir_ctx *ctx, codir_tensor *zs, codir_tensor *zt, const float *bank,
                                       int bank_rows, const int *neg, int K, float tau);
+/* anchor[B,D], bank[rows,D], idx[B,K+1] -> scalar NCE loss of one direction. */
+CODIR_DEF codir_tensor *codir_nce(codir_ctx *ctx, codir_tensor *anchor, const float *bank, int bank_rows,
+                                  const int *idx, int K, float tau, double log_z, int num_data);
 /* sum_i weights[i] * terms[i] for scalar terms; NULL terms with weight 0 are skipped. */
 CODIR_DEF codir_tensor *codir_weighted_sum(codir_ctx *ctx, codir_tensor *const *terms, const float *weights, int count);
 
@@ -506,6 +524,18 @@ typedef struct codir_model {
 CODIR_DEF codir_model *codir_model_create(const codir_config *cfg, uint64_t seed);
 CODIR_DEF void codir_model_free(codir_model *model);
 
+/* Which teacher blocks initialize a student. */
+enum {
+    CODIR_INIT_EVERY_OTHER = 0, /* student block k from teacher block (k-1) * Lt / Ls + 1,
+                                   the layer map's rule (12 -> 6 takes 1, 3, 5, 7, 9, 11) */
+    CODIR_INIT_FIRST_K = 1      /* student block k from teacher block k */
+};
+
+/* Copies the teacher's embeddings, the chosen blocks, the pooler, the classifier and
+   the masked-LM head (when both have one) into the student. All widths, the
+   vocabulary, the lengths and the label count must match; the layer counts need not. */
+CODIR_DEF int codir_model_init_from(codir_model *student, const codir_model *teacher, int mode);
+
 /* A padded batch. Sequences shorter than seq are padded with mask 0. */
 typedef struct codir_batch {
     int batch;                  /* B, the examples in this batch */
@@ -538,11 +568,183 @@ CODIR_DEF codir_tensor *codir_mlm_logits(codir_ctx *ctx, const codir_model *mode
                                          const int *positions, int count);
 
 /* Checkpoints: safetensors files and Hugging Face BERT model folders. */
+/* ---- safetensors files ----
 
+   The safetensors format (https://github.com/huggingface/safetensors) is
+       8 bytes      N, the header length, unsigned little-endian
+       N bytes      a UTF-8 JSON object: {"NAME": {"dtype": "F32", "shape": [2, 3],
+                    "data_offsets": [BEGIN, END]}, ..., "__metadata__": {"KEY": "VALUE"}}
+       the rest     the data region: raw little-endian, row-major tensor data; each
+                    tensor's bytes are [BEGIN, END) counted from the start of the region.
+
+   codir_safetensors_open checks what the official Rust implementation checks
+   (safetensors/src/tensor.rs, Metadata::validate and SafeTensors::read_metadata):
+   N is at most 100,000,000 and fits in the file, the header is valid UTF-8 JSON, every
+   END - BEGIN equals the dtype size times the shape product (which must not overflow),
+   and the tensors, sorted by offsets, cover the data region from its first to its last
+   byte with no gap and no overlap. It is stricter in a few places the official reader
+   leaves open: the header must start with '{', names and object keys must be unique,
+   a tensor entry may hold only dtype, shape and data_offsets, and a shape may have at
+   most CODIR_ST_MAX_DIMS dimensions. Every rejection names the file and, for a
+   malformed header, the byte offset in the file. */
+
+#define CODIR_ST_MAX_DIMS 8
+
+/* Element types, in the order of the official Dtype enum. */
+enum {
+    CODIR_ST_BOOL, CODIR_ST_U8, CODIR_ST_I8, CODIR_ST_F8_E5M2, CODIR_ST_F8_E4M3,
+    CODIR_ST_I16, CODIR_ST_U16, CODIR_ST_F16, CODIR_ST_BF16, CODIR_ST_I32, CODIR_ST_U32,
+    CODIR_ST_F32, CODIR_ST_F64, CODIR_ST_I64, CODIR_ST_U64,
+    CODIR_ST_DTYPE_COUNT
+};
+
+/* One tensor of an open file, as its header entry describes it. */
+typedef struct codir_st_tensor {
+    char *name;                         /* NUL-terminated UTF-8 */
+    int dtype;                          /* CODIR_ST_F32, ... */
+    int ndim;                           /* 0 (a scalar) to CODIR_ST_MAX_DIMS */
+    int64_t shape[CODIR_ST_MAX_DIMS];   /* sizes, outermost first; unused entries are 1 */
+    size_t numel;                       /* product of the shape */
+    uint64_t offset;                    /* BEGIN: bytes from the start of the data region */
+    uint64_t nbytes;                    /* END - BEGIN */
+} codir_st_tensor;
+
+/* An open safetensors file. Tensor data stays on disk until codir_safetensors_read_f32
+   reads it, so opening a large checkpoint costs only its header. */
+typedef struct codir_safetensors {
+    char *path;
+    void *file;                 /* the FILE *, open until codir_safetensors_close */
+    uint64_t file_bytes;        /* size of the whole file */
+    uint64_t data_start;        /* 8 + N: file offset of the data region */
+    codir_st_tensor *tensors;   /* [num_tensors] in header order */
+    int num_tensors;
+    char **metadata;            /* [2 * num_metadata]: key, value, key, value, ... */
+    int num_metadata;
+} codir_safetensors;
+
+/* Opens `path` and validates its header and offsets. Returns NULL on failure. */
+CODIR_DEF codir_safetensors *codir_safetensors_open(const char *path);
+/* Closes the file and frees everything; NULL is allowed. */
+CODIR_DEF void codir_safetensors_close(codir_safetensors *st);
+/* Returns the tensor named `name`, or NULL. */
+CODIR_DEF const codir_st_tensor *codir_safetensors_find(const codir_safetensors *st, const char *name);
+/* Returns the __metadata__ value of `key`, or NULL. */
+CODIR_DEF const char *codir_safetensors_metadata(const codir_safetensors *st, const char *key);
+/* Returns the format's name of a dtype ("F32", "BF16", ...), or "?" when out of range. */
+CODIR_DEF const char *codir_st_dtype_name(int dtype);
+
+/* Reads tensor `name` into dst[count] as float32; count must equal its numel. F32 is
+   copied, and F16 and BF16 are widened exactly: F16 subnormals become normal floats,
+   infinities stay infinities and NaN keeps its sign and payload. Other dtypes are
+   rejected. Returns CODIR_OK or a negative error. */
+CODIR_DEF int codir_safetensors_read_f32(const codir_safetensors *st, const char *name, float *dst, size_t count);
+
+/* One tensor to write. */
+typedef struct codir_st_write {
+    const char *name;                   /* UTF-8, unique, not "__metadata__" */
+    int ndim;                           /* 0 (a scalar) to CODIR_ST_MAX_DIMS */
+    int64_t shape[CODIR_ST_MAX_DIMS];   /* sizes, outermost first; each >= 0 */
+    const float *data;                  /* [product of shape], row-major */
+} codir_st_write;
+
+/* Writes tensors[count] as F32 and the string pairs metadata[2 * num_metadata] (key,
+   value, ...; none when num_metadata is 0) to `path`, byte for byte as the official
+   serializer (safetensors/src/tensor.rs, prepare) writes the same tensors: sorted by
+   name, as it orders tensors of one dtype, the header JSON without spaces with
+   "__metadata__" first, then padded with spaces to a multiple of 8 bytes. Metadata keys
+   are sorted by name too, where the official serializer keeps the unspecified order of
+   a Rust HashMap, so files with two or more metadata keys may differ in that order. Data is written byte by byte in
+   little-endian order, so the file is the same on a big-endian host. The file goes to
+   `path`.tmp first and is renamed over `path` only when complete. Returns CODIR_OK or
+   a negative error. */
+CODIR_DEF int codir_safetensors_write(const char *path, const codir_st_write *tensors, int count,
+                                      const char *const *metadata, int num_metadata);
+
+/* ---- Hugging Face BERT model folders ----
+
+   A model folder holds config.json (Hugging Face's BertConfig keys) and
+   model.safetensors with the tensor names of BertForSequenceClassification:
+
+       bert.embeddings.{word,position,token_type}_embeddings.weight
+       bert.embeddings.LayerNorm.{weight,bias}
+       bert.encoder.layer.N.attention.self.{query,key,value}.{weight,bias}
+       bert.encoder.layer.N.attention.output.dense.{weight,bias}
+       bert.encoder.layer.N.attention.output.LayerNorm.{weight,bias}   (ln1)
+       bert.encoder.layer.N.intermediate.dense.{weight,bias}          (ffn up)
+       bert.encoder.layer.N.output.dense.{weight,bias}                (ffn down)
+       bert.encoder.layer.N.output.LayerNorm.{weight,bias}            (ln2)
+       bert.pooler.dense.{weight,bias}
+       classifier.{weight,bias}
+
+   and, for a model with the masked-LM head, BertForPreTraining's
+       cls.predictions.transform.dense.{weight,bias}
+       cls.predictions.transform.LayerNorm.{weight,bias}
+       cls.predictions.bias
+
+   Query, key and value are the three row blocks of codir's stacked qkv_w and qkv_b.
+   Linear weights are [out, in] in both libraries, so no tensor is transposed. The tied
+   decoder weight cls.predictions.decoder.weight is not written, as Hugging Face's own
+   safetensors export drops tensors that share memory. vocab.txt belongs in the folder
+   too; save it with codir_vocab_save. */
+
+/* Writes cfg as a Hugging Face BertConfig config.json: sorted keys, two-space indent,
+   id2label and label2id for num_labels labels, and problem_type "regression" when
+   num_labels is 1. codir has no dropout on attention probabilities; the file repeats
+   cfg.dropout as attention_probs_dropout_prob, as BERT's configs do, for use by other
+   libraries. The file goes to `path`.tmp first and is renamed. */
+CODIR_DEF int codir_config_save(const codir_config *cfg, const char *path);
+
+/* Reads a Hugging Face BERT config.json into *cfg, with mlm_head set to 0. Missing keys
+   take BertConfig's defaults (vocab_size 30522, hidden_size 768, num_hidden_layers 12,
+   num_attention_heads 12, intermediate_size 3072, max_position_embeddings 512,
+   type_vocab_size 2, layer_norm_eps 1e-12, hidden_dropout_prob 0.1, 2 labels), and
+   unknown keys are ignored. num_labels is the size of id2label, or the key num_labels.
+   Rejects hidden_act other than "gelu" (the exact erf GELU that codir implements), a
+   model_type other than "bert", a position_embedding_type other than "absolute",
+   problem_type "multi_label_classification", and a problem_type that contradicts the
+   number of labels. attention_probs_dropout_prob is ignored. Returns CODIR_OK or a
+   negative error. */
+CODIR_DEF int codir_config_load(const char *path, codir_config *cfg);
+
+/* Writes dir/model.safetensors (with metadata {"format": "pt"}, which Hugging Face's
+   loader requires) and dir/config.json. `dir` must exist. Each file is written to a
+   .tmp file and renamed, so neither is ever left half-written, but a crash between the
+   two renames can leave a new weights file beside an old config.json. */
+CODIR_DEF int codir_model_save(const codir_model *model, const char *dir);
+
+/* Loads a model folder written by codir_model_save or by Hugging Face's
+   save_pretrained for BertForSequenceClassification. The masked-LM head is created when
+   model.safetensors holds cls.predictions.transform.dense.weight; then every masked-LM
+   tensor is required. Tensors may be F32, F16 or BF16. LayerNorm parameters may use
+   the old names gamma and beta for weight and bias, as Hugging Face's loader accepts.
+   Rejects a missing tensor, a shape that differs from what config.json implies (naming
+   both shapes), and any tensor outside the lists above, except these, which are
+   checked or ignored:
+     bert.embeddings.position_ids      an index buffer of older checkpoints; ignored
+     cls.predictions.decoder.weight    with the masked-LM head only; must equal the
+                                       word embeddings bit for bit, since codir ties them
+     cls.predictions.decoder.bias      with the masked-LM head only; another name of
+                                       cls.predictions.bias, equal to it if both are given
+   The number of attention heads cannot be seen in the weights; it comes from
+   config.json. Returns NULL on failure. */
+CODIR_DEF codir_model *codir_model_load(const char *dir);
 
 /* ===================================================================================
    7. Losses: the CoDIR objective
    =================================================================================== */
+
+/* Scoring of the contrastive term. */
+enum {
+    CODIR_CRD_INFONCE = 0,      /* the paper: softmax over the live positive and K bank rows */
+    CODIR_CRD_NCE = 1           /* the official code (CRD-style): two banks, binary NCE with a
+                                   normalizer estimated on the first batch, then frozen */
+};
+
+/* Pooling of each mapped layer's tokens into one vector. */
+enum {
+    CODIR_POOL_MEAN = 0,        /* mean over non-padding tokens, as the paper describes */
+    CODIR_POOL_FIRST = 1        /* the first ([CLS]) token, as the official code does */
+};
 
 /* Hyperparameters of L = (1 - beta) L_task + beta L_kd + lambda L_crd. */
 typedef struct codir_distill_config {
@@ -556,6 +758,11 @@ typedef struct codir_distill_config {
     float momentum;             /* memory bank momentum m; 0.5 */
     const int *layer_map;       /* [student layers] teacher layer of each student layer
                                    1..Ls, or NULL for m(k) = (k-1) * Lt / Ls + 1 */
+    int mode;                   /* CODIR_CRD_INFONCE or CODIR_CRD_NCE */
+    int pooling;                /* CODIR_POOL_MEAN or CODIR_POOL_FIRST */
+    float neg_margin;           /* regression: negatives are examples whose target differs
+                                   by more than this; 0.5 */
+    double max_bank_bytes;      /* refuse memory banks larger than this; 4 GiB */
 } codir_distill_config;
 
 CODIR_DEF codir_distill_config codir_distill_config_default(void);
@@ -578,6 +785,13 @@ typedef struct codir_distiller {
     int *label_start;           /* [num_classes + 1] start of each label's group in by_label */
     int num_classes;
     uint64_t rng;               /* state of the negative sampler */
+    float *bank_s;              /* [num_examples, D] student projections (NCE only, else NULL) */
+    double log_z_t;             /* NCE: log normalizer of teacher-anchored scores against bank_s */
+    double log_z_s;             /* NCE: log normalizer of student-anchored scores against bank */
+    int z_ready;                /* NCE: 1 once both normalizers were estimated and frozen */
+    float *targets;             /* [num_examples] regression targets, or NULL */
+    int *by_target;             /* [num_examples] example ids sorted by target */
+    codir_tensor *last_zs;      /* student projections of the last codir_crd_loss call */
 } codir_distiller;
 
 /* Creates the projection heads and a memory bank of one row per training example,
@@ -588,8 +802,16 @@ CODIR_DEF codir_distiller *codir_distiller_create(const codir_distill_config *cf
                                                   int num_examples, uint64_t seed);
 CODIR_DEF void codir_distiller_free(codir_distiller *d);
 
-/* Draws min(K, eligible) distinct example ids whose label differs from the anchor's,
-   uniformly without replacement, into out[K]. Returns the number drawn. */
+/* Switches negative sampling to regression targets[num_examples]. Negatives are then
+   drawn uniformly from the examples whose target differs from the anchor's by more
+   than cfg.neg_margin; when fewer than K exist, the rest are drawn from all other
+   examples (instance discrimination), so a regression task always gets K negatives
+   while the training set has more than K examples. */
+CODIR_DEF int codir_distiller_set_targets(codir_distiller *d, const float *targets);
+
+/* Draws distinct negatives for `anchor` into out[K], uniformly without replacement,
+   and returns how many it drew. Classification: examples with another label, at most
+   as many as exist. Regression: see codir_distiller_set_targets. Never the anchor. */
 CODIR_DEF int codir_sample_negatives(codir_distiller *d, int anchor, int *out, int K);
 
 /* Values of each term after a step. */
@@ -604,7 +826,8 @@ typedef struct codir_loss_terms {
 CODIR_DEF codir_tensor *codir_crd_loss(codir_ctx *ctx, codir_distiller *d, const codir_output *student,
                                        const codir_output *teacher, const codir_batch *batch,
                                        codir_tensor **zt_out);
-/* Moves bank rows toward new teacher projections: row <- normalize(m row + (1 - m) z). */
+/* Moves bank rows toward new teacher projections: row <- normalize(m row + (1 - m) z).
+   In NCE mode the student bank moves toward d->last_zs the same way. */
 CODIR_DEF void codir_bank_update(codir_distiller *d, const float *z, const int *example_ids, int B);
 
 /* ===================================================================================
@@ -1839,6 +2062,73 @@ CODIR_DEF void codir_kl_div_backward(float *dstudent, const float *ps, const flo
     for (i = 0; i < n; i++) dstudent[i] += scale * (ps[i] - pt[i]);
 }
 
+/* log(1 + exp(x)) without overflow for large x or loss of precision for small. */
+static double codir__softplus(double x)
+{
+    return (x > 0.0 ? x : 0.0) + log1p(exp(-fabs(x)));
+}
+
+static double codir__sigmoid(double x)
+{
+    return x >= 0.0 ? 1.0 / (1.0 + exp(-x)) : exp(x) / (1.0 + exp(x));
+}
+
+CODIR_DEF double codir_nce_forward(float *logp, const float *anchor, const float *bank, const int *idx, int B,
+                                   int D, int K, float tau, double log_z, double log_c)
+{
+    double total = 0.0;
+    int b, j, d;
+    for (b = 0; b < B; b++) {
+        const float *a = anchor + (size_t)b * D;
+        for (j = 0; j <= K; j++) {
+            const float *row = bank + (size_t)idx[(size_t)b * (K + 1) + j] * D;
+            double dot = 0.0, lp;
+            for (d = 0; d < D; d++) dot += (double)a[d] * row[d];
+            lp = dot / tau - log_z;
+            logp[(size_t)b * (K + 1) + j] = (float)lp;
+
+            /* positive: -log(P / (P + c)); negative: -log(c / (P + c)) */
+            total += j == 0 ? codir__softplus(log_c - lp) : codir__softplus(lp - log_c);
+        }
+    }
+    return B > 0 ? total / B : 0.0;
+}
+
+CODIR_DEF void codir_nce_backward(float *danchor, const float *logp, const float *bank, const int *idx,
+                                  float dloss, int B, int D, int K, float tau, double log_c)
+{
+    int b, j, d;
+    for (b = 0; b < B; b++) {
+        for (j = 0; j <= K; j++) {
+            double lp = logp[(size_t)b * (K + 1) + j];
+            /* d softplus(log c - lp) / d lp = -sigmoid(log c - lp); d softplus(lp - log c) / d lp = sigmoid(lp - log c) */
+            double g = j == 0 ? -codir__sigmoid(log_c - lp) : codir__sigmoid(lp - log_c);
+            const float *row = bank + (size_t)idx[(size_t)b * (K + 1) + j] * D;
+            float scale = (float)(g * dloss / ((double)B * tau));
+            for (d = 0; d < D; d++) danchor[(size_t)b * D + d] += scale * row[d];
+        }
+    }
+}
+
+CODIR_DEF double codir_nce_log_normalizer(const float *anchor, const float *bank, const int *idx, int B, int D,
+                                          int K, float tau, int N)
+{
+    double mx = -INFINITY, sum = 0.0;
+    int b, j, d, pass;
+    /* Two passes: the maximum, then the sum of exp(x - max). */
+    for (pass = 0; pass < 2; pass++)
+        for (b = 0; b < B; b++)
+            for (j = 0; j <= K; j++) {
+                const float *row = bank + (size_t)idx[(size_t)b * (K + 1) + j] * D;
+                double dot = 0.0, x;
+                for (d = 0; d < D; d++) dot += (double)anchor[(size_t)b * D + d] * row[d];
+                x = dot / tau;
+                if (pass == 0) mx = x > mx ? x : mx;
+                else sum += exp(x - mx);
+            }
+    return log((double)N) + mx + log(sum / ((double)B * (K + 1)));
+}
+
 /* Returns row j of the candidates of example b: zt[b] for j = 0, a bank row after. */
 static const float *codir__infonce_candidate(const float *zt, const float *bank, const int *neg, int b, int j,
                                               int D, int K)
@@ -2852,6 +3142,7 @@ enum codir__op {
     CODIR__OP_MSE,
     CODIR__OP_KL_DIV,
     CODIR__OP_INFONCE,
+    CODIR__OP_NCE,
     CODIR__OP_WEIGHTED_SUM,
     CODIR__OP_COUNT
 };
@@ -2869,6 +3160,7 @@ struct codir_node {
     const float *floats;        /* memory bank, regression targets or sum weights */
     int dims[4];                /* op-specific sizes */
     float scalar;               /* eps, dropout p, temperature or tau */
+    double scalar_double;       /* NCE: log c */
     uint64_t key;               /* dropout key */
 };
 
@@ -3470,6 +3762,45 @@ CODIR_DEF codir_tensor *codir_infonce(codir_ctx *ctx, codir_tensor *zs, codir_te
     return out;
 }
 
+CODIR_DEF codir_tensor *codir_nce(codir_ctx *ctx, codir_tensor *anchor, const float *bank, int bank_rows,
+                                  const int *idx, int K, float tau, double log_z, int num_data)
+{
+    codir_tensor *out;
+    codir_node *node;
+    float *logp;
+    double log_c;
+    int B, D, rg, i;
+    if (!anchor || !bank || !idx) return codir__op_failed(ctx, ctx->status ? ctx->status : CODIR_ERR_INVALID);
+    if (anchor->ndim != 2) return codir__op_error(ctx, CODIR_ERR_INVALID, "NCE: the anchor must be [B, D]");
+    if (!(tau > 0.0f) || !isfinite(tau))
+        return codir__op_error(ctx, CODIR_ERR_INVALID, "NCE: temperature tau %g must be positive", (double)tau);
+    if (K < 1 || num_data <= K)
+        return codir__op_error(ctx, CODIR_ERR_INVALID, "NCE: needs 1 <= K < N, got K = %d and N = %d", K, num_data);
+    if (!isfinite(log_z)) return codir__op_error(ctx, CODIR_ERR_INVALID, "NCE: log normalizer %g is not finite", log_z);
+    B = anchor->shape[0];
+    D = anchor->shape[1];
+    for (i = 0; i < B * (K + 1); i++)
+        if (idx[i] < 0 || idx[i] >= bank_rows)
+            return codir__op_error(ctx, CODIR_ERR_INVALID, "NCE: bank row %d is outside the bank of %d rows", idx[i],
+                                   bank_rows);
+    log_c = log((double)K / (double)num_data);
+    rg = codir__needs_grad(ctx, anchor, NULL, NULL);
+    out = codir__new_scalar(ctx, rg);
+    logp = codir__scratch(ctx, (size_t)B * (size_t)(K + 1));
+    if (!out || !logp) return NULL;
+    out->data[0] = (float)codir_nce_forward(logp, anchor->data, bank, idx, B, D, K, tau, log_z, log_c);
+    if (rg) {
+        if (!(node = codir__record(ctx, CODIR__OP_NCE, out, anchor, NULL, NULL))) return NULL;
+        node->saved[0] = logp;
+        node->floats = bank;
+        node->ints[0] = idx;
+        node->dims[0] = K;
+        node->scalar = tau;
+        node->scalar_double = log_c;
+    }
+    return out;
+}
+
 CODIR_DEF codir_tensor *codir_weighted_sum(codir_ctx *ctx, codir_tensor *const *terms, const float *weights, int count)
 {
     codir_tensor *out, **list;
@@ -3594,6 +3925,11 @@ static int codir__node_backward(codir_ctx *ctx, const codir_node *n)
     case CODIR__OP_INFONCE:
         codir_infonce_backward(dx, y->grad, n->saved[0], x->data, y->data, n->floats, n->ints[0], out->grad[0],
                                x->shape[0], x->shape[1], n->dims[0], n->scalar);
+        break;
+    case CODIR__OP_NCE:
+        if (dx)
+            codir_nce_backward(dx, n->saved[0], n->floats, n->ints[0], out->grad[0], x->shape[0], x->shape[1],
+                               n->dims[0], n->scalar, n->scalar_double);
         break;
     case CODIR__OP_WEIGHTED_SUM:
         for (i = 0; i < n->count; i++)
@@ -3814,6 +4150,60 @@ CODIR_DEF void codir_model_free(codir_model *model)
     codir__free(model);
 }
 
+/* Copies src's values into dst after checking that the shapes agree. */
+static int codir__copy_tensor(codir_tensor *dst, const codir_tensor *src)
+{
+    if (dst->numel != src->numel)
+        return codir__fail(CODIR_ERR_INVALID, "cannot copy %s (%zu values) into %s (%zu values)", src->name, src->numel,
+                           dst->name, dst->numel);
+    memcpy(dst->data, src->data, src->numel * sizeof(float));
+    return CODIR_OK;
+}
+
+CODIR_DEF int codir_model_init_from(codir_model *student, const codir_model *teacher, int mode)
+{
+    const codir_config *s = &student->cfg, *t = &teacher->cfg;
+    int k, i, rc = CODIR_OK;
+    if (mode != CODIR_INIT_EVERY_OTHER && mode != CODIR_INIT_FIRST_K)
+        return codir__fail(CODIR_ERR_INVALID, "initialization mode %d is neither CODIR_INIT_EVERY_OTHER nor CODIR_INIT_FIRST_K", mode);
+    if (s->hidden != t->hidden || s->num_heads != t->num_heads || s->ffn != t->ffn || s->vocab_size != t->vocab_size ||
+        s->max_len != t->max_len || s->type_vocab_size != t->type_vocab_size || s->num_labels != t->num_labels)
+        return codir__fail(CODIR_ERR_INVALID,
+                           "cannot initialize the student from the teacher: widths differ (hidden %d vs %d, heads %d vs %d, "
+                           "ffn %d vs %d, vocabulary %d vs %d, max_len %d vs %d, labels %d vs %d); initialize randomly instead",
+                           s->hidden, t->hidden, s->num_heads, t->num_heads, s->ffn, t->ffn, s->vocab_size, t->vocab_size,
+                           s->max_len, t->max_len, s->num_labels, t->num_labels);
+    if (s->num_layers > t->num_layers)
+        return codir__fail(CODIR_ERR_INVALID, "the student has %d layers, more than the teacher's %d", s->num_layers,
+                           t->num_layers);
+
+    /* The embeddings and heads, then each block as a run of CODIR__TENSORS_PER_LAYER
+       tensors that lie next to each other in both parameter sets. */
+    rc = codir__copy_tensor(student->tok_emb, teacher->tok_emb);
+    if (!rc) rc = codir__copy_tensor(student->pos_emb, teacher->pos_emb);
+    if (!rc) rc = codir__copy_tensor(student->type_emb, teacher->type_emb);
+    if (!rc) rc = codir__copy_tensor(student->emb_ln_gamma, teacher->emb_ln_gamma);
+    if (!rc) rc = codir__copy_tensor(student->emb_ln_beta, teacher->emb_ln_beta);
+    if (!rc) rc = codir__copy_tensor(student->pool_w, teacher->pool_w);
+    if (!rc) rc = codir__copy_tensor(student->pool_b, teacher->pool_b);
+    if (!rc) rc = codir__copy_tensor(student->cls_w, teacher->cls_w);
+    if (!rc) rc = codir__copy_tensor(student->cls_b, teacher->cls_b);
+    if (!rc && s->mlm_head && t->mlm_head) {
+        rc = codir__copy_tensor(student->mlm_dense_w, teacher->mlm_dense_w);
+        if (!rc) rc = codir__copy_tensor(student->mlm_dense_b, teacher->mlm_dense_b);
+        if (!rc) rc = codir__copy_tensor(student->mlm_ln_gamma, teacher->mlm_ln_gamma);
+        if (!rc) rc = codir__copy_tensor(student->mlm_ln_beta, teacher->mlm_ln_beta);
+        if (!rc) rc = codir__copy_tensor(student->mlm_bias, teacher->mlm_bias);
+    }
+    for (k = 0; k < s->num_layers && !rc; k++) {
+        int src = mode == CODIR_INIT_FIRST_K ? k : k * t->num_layers / s->num_layers;
+        codir_tensor *dst_first = student->layers[k].qkv_w;
+        const codir_tensor *src_first = teacher->layers[src].qkv_w;
+        for (i = 0; i < CODIR__TENSORS_PER_LAYER && !rc; i++) rc = codir__copy_tensor(dst_first + i, src_first + i);
+    }
+    return rc;
+}
+
 /* One post-LayerNorm block: x = LN(x + Drop(Attn(x))), x = LN(x + Drop(W2 GELU(W1 x))). */
 static codir_tensor *codir__block_forward(codir_ctx *ctx, const codir_layer *ly, const codir_config *cfg,
                                           codir_tensor *x, const codir_itensor *mask)
@@ -3894,6 +4284,10 @@ CODIR_DEF codir_distill_config codir_distill_config_default(void)
     cfg.proj_dim = 128;
     cfg.momentum = 0.5f;
     cfg.layer_map = NULL;
+    cfg.mode = CODIR_CRD_INFONCE;
+    cfg.pooling = CODIR_POOL_MEAN;
+    cfg.neg_margin = 0.5f;
+    cfg.max_bank_bytes = 4.0 * 1024 * 1024 * 1024;
     return cfg;
 }
 
@@ -3919,6 +4313,15 @@ static int codir__distill_check(const codir_distill_config *cfg, const codir_con
         return codir__fail(CODIR_ERR_INVALID, "student has %d labels but teacher has %d", student->num_labels,
                            teacher->num_labels);
     if (num_examples < 2) return codir__fail(CODIR_ERR_INVALID, "distillation needs at least 2 training examples");
+    if (cfg->mode != CODIR_CRD_INFONCE && cfg->mode != CODIR_CRD_NCE)
+        return codir__fail(CODIR_ERR_INVALID, "contrastive mode %d is neither CODIR_CRD_INFONCE nor CODIR_CRD_NCE",
+                           cfg->mode);
+    if (cfg->pooling != CODIR_POOL_MEAN && cfg->pooling != CODIR_POOL_FIRST)
+        return codir__fail(CODIR_ERR_INVALID, "pooling %d is neither CODIR_POOL_MEAN nor CODIR_POOL_FIRST", cfg->pooling);
+    if (!(cfg->neg_margin >= 0.0f)) return codir__fail(CODIR_ERR_INVALID, "negative margin %g must be >= 0", (double)cfg->neg_margin);
+    if (cfg->mode == CODIR_CRD_NCE && cfg->num_negatives >= num_examples)
+        return codir__fail(CODIR_ERR_INVALID, "NCE needs fewer negatives (K = %d) than training examples (%d); lower K",
+                           cfg->num_negatives, num_examples);
     if (cfg->layer_map)
         for (k = 0; k < student->num_layers; k++)
             if (cfg->layer_map[k] < 1 || cfg->layer_map[k] > teacher->num_layers)
@@ -3938,9 +4341,20 @@ CODIR_DEF codir_distiller *codir_distiller_create(const codir_distill_config *cf
     float a;
     uint64_t rng = seed;
     if (codir__distill_check(cfg, student, teacher, num_examples)) return NULL;
-    if (!codir__size_mul((size_t)num_examples, (size_t)D, &bank_n)) {
+    if (!codir__size_mul((size_t)num_examples, (size_t)D, &bank_n) || bank_n > SIZE_MAX / sizeof(float) / 2) {
         codir__fail(CODIR_ERR_OVERFLOW, "memory bank of %d x %d overflows size_t", num_examples, D);
         return NULL;
+    }
+    {
+        /* One bank (two in NCE mode) of num_examples rows of D floats. */
+        double bytes = (double)bank_n * sizeof(float) * (cfg->mode == CODIR_CRD_NCE ? 2 : 1);
+        if (cfg->max_bank_bytes > 0 && bytes > cfg->max_bank_bytes) {
+            codir__fail(CODIR_ERR_NOMEM,
+                        "memory bank of %d examples x %d dimensions needs %.1f MiB, over the limit of %.1f MiB; "
+                        "lower the projection size, or raise max_bank_bytes",
+                        num_examples, D, bytes / 1048576.0, cfg->max_bank_bytes / 1048576.0);
+            return NULL;
+        }
     }
     d = (codir_distiller *)codir__calloc(1, sizeof *d);
     if (!d) return NULL;
@@ -3955,7 +4369,12 @@ CODIR_DEF codir_distiller *codir_distiller_create(const codir_distill_config *cf
     d->bank = (float *)codir__calloc(bank_n, sizeof(float));
     d->labels = (int *)codir__calloc((size_t)num_examples, sizeof(int));
     d->by_label = (int *)codir__calloc((size_t)num_examples, sizeof(int));
-    if (!d->layer_map || !d->bank || !d->labels || !d->by_label) goto fail;
+    if (cfg->mode == CODIR_CRD_NCE) d->bank_s = (float *)codir__calloc(bank_n, sizeof(float));
+    if (!d->layer_map || !d->bank || !d->labels || !d->by_label || (cfg->mode == CODIR_CRD_NCE && !d->bank_s)) {
+        if (!d->bank || !d->bank_s)
+            codir__fail(CODIR_ERR_NOMEM, "out of memory allocating a memory bank of %d x %d floats", num_examples, D);
+        goto fail;
+    }
 
     /* Layer map: the official code pairs student layer k with teacher layer
        (k - 1) * Lt / Ls + 1 (12 -> 6 gives 1, 3, 5, 7, 9, 11). */
@@ -4000,6 +4419,9 @@ CODIR_DEF codir_distiller *codir_distiller_create(const codir_distill_config *cf
     a = sqrtf(3.0f / (float)D);
     for (i = 0; (size_t)i < bank_n; i++)
         d->bank[i] = a * (float)(2.0 * ((double)(codir__splitmix64(&rng) >> 11) / 9007199254740992.0) - 1.0);
+    if (d->bank_s)
+        for (i = 0; (size_t)i < bank_n; i++)
+            d->bank_s[i] = a * (float)(2.0 * ((double)(codir__splitmix64(&rng) >> 11) / 9007199254740992.0) - 1.0);
 
     /* Group example ids by label (counting sort) for negative sampling. */
     d->num_classes = 0;
@@ -4035,55 +4457,138 @@ CODIR_DEF void codir_distiller_free(codir_distiller *d)
     codir_params_free(&d->params);
     codir__free(d->layer_map);
     codir__free(d->bank);
+    codir__free(d->bank_s);
+    codir__free(d->targets);
+    codir__free(d->by_target);
     codir__free(d->labels);
     codir__free(d->by_label);
     codir__free(d->label_start);
     codir__free(d);
 }
 
+/* Robert Floyd's algorithm: writes K distinct positions of [0, pool) to out in O(K^2)
+   time with no scratch memory. */
+static void codir__floyd_sample(uint64_t *rng, int pool, int K, int *out)
+{
+    int drawn = 0, j, i;
+    for (j = pool - K; j < pool; j++) {
+        int r = (int)(codir__splitmix64(rng) % (uint64_t)(j + 1)), seen = 0;
+        for (i = 0; i < drawn && !seen; i++) seen = out[i] == r;
+        out[drawn++] = seen ? j : r;
+    }
+}
+
+/* Orders example ids by target (ties by id) for the regression sampler. */
+static void codir__sort_by_target(int *order, const float *targets, int n)
+{
+    int i, j;
+    for (i = 0; i < n; i++) {
+        int e = i;
+        for (j = i; j > 0 && targets[order[j - 1]] > targets[e]; j--) order[j] = order[j - 1];
+        order[j] = e;
+    }
+}
+
+CODIR_DEF int codir_distiller_set_targets(codir_distiller *d, const float *targets)
+{
+    int i;
+    float *t = (float *)codir__calloc((size_t)d->num_examples, sizeof(float));
+    int *order = (int *)codir__calloc((size_t)d->num_examples, sizeof(int));
+    if (!t || !order) {
+        codir__free(t);
+        codir__free(order);
+        return CODIR_ERR_NOMEM;
+    }
+    for (i = 0; i < d->num_examples; i++) {
+        if (!isfinite(targets[i])) {
+            codir__free(t);
+            codir__free(order);
+            return codir__fail(CODIR_ERR_INVALID, "regression target of example %d is %g; targets must be finite", i,
+                               (double)targets[i]);
+        }
+        t[i] = targets[i];
+    }
+    codir__sort_by_target(order, t, d->num_examples);
+    codir__free(d->targets);
+    codir__free(d->by_target);
+    d->targets = t;
+    d->by_target = order;
+    return CODIR_OK;
+}
+
+/* Regression negatives: the examples sorted by target form [0, lo) and [hi, N) below
+   and above the anchor's margin band; those are drawn first, and any shortfall comes
+   from the band itself minus the anchor. */
+static int codir__sample_regression(codir_distiller *d, int anchor, int *out, int K)
+{
+    int N = d->num_examples, lo = 0, hi = N, far, i, drawn;
+    float t = d->targets[anchor], margin = d->cfg.neg_margin;
+    while (lo < N && d->targets[d->by_target[lo]] < t - margin) lo++;
+    while (hi > lo && d->targets[d->by_target[hi - 1]] > t + margin) hi--;
+    far = lo + (N - hi);
+    if (K > N - 1) K = N - 1;
+    if (far >= K) {
+        codir__floyd_sample(&d->rng, far, K, out);
+        for (i = 0; i < K; i++) out[i] = d->by_target[out[i] < lo ? out[i] : out[i] - lo + hi];
+        return K;
+    }
+
+    /* Every far example, then the rest from the band without the anchor. */
+    drawn = 0;
+    for (i = 0; i < lo; i++) out[drawn++] = d->by_target[i];
+    for (i = hi; i < N; i++) out[drawn++] = d->by_target[i];
+    {
+        int band = hi - lo - 1, need = K - drawn, pos = 0, anchor_pos = -1;
+        for (i = lo; i < hi; i++)
+            if (d->by_target[i] == anchor) anchor_pos = i - lo;
+        codir__floyd_sample(&d->rng, band, need, out + drawn);
+        for (i = 0; i < need; i++) {
+            pos = out[drawn + i];
+            out[drawn + i] = d->by_target[lo + (pos < anchor_pos ? pos : pos + 1)];
+        }
+    }
+    return K;
+}
+
 CODIR_DEF int codir_sample_negatives(codir_distiller *d, int anchor, int *out, int K)
 {
-    int own = d->labels[anchor];
-    int own_lo = d->label_start[own], own_n = d->label_start[own + 1] - own_lo;
-    int pool = d->num_examples - own_n, drawn = 0, j, r, i;
+    int own, own_lo, own_n, pool, i;
+    if (d->targets) return codir__sample_regression(d, anchor, out, K);
+    own = d->labels[anchor];
+    own_lo = d->label_start[own];
+    own_n = d->label_start[own + 1] - own_lo;
+    pool = d->num_examples - own_n;
     if (K > pool) K = pool;
 
-    /* Robert Floyd's algorithm: K distinct positions of the pool (all examples but
-       the anchor's label group) in O(K^2) time with no scratch memory. */
-    for (j = pool - K; j < pool; j++) {
-        int pick, seen = 0;
-        r = (int)(codir__splitmix64(&d->rng) % (uint64_t)(j + 1));
-        for (i = 0; i < drawn && !seen; i++) seen = out[i] == r;
-        pick = seen ? j : r;
-        out[drawn++] = pick;
-    }
-
-    /* Map pool positions to example ids, skipping the anchor's label group. */
-    for (i = 0; i < drawn; i++) {
-        int p = out[i];
-        out[i] = d->by_label[p < own_lo ? p : p + own_n];
-    }
-    return drawn;
+    /* K distinct positions of the pool (all examples but the anchor's label group),
+       mapped to example ids by skipping that group. */
+    codir__floyd_sample(&d->rng, pool, K, out);
+    for (i = 0; i < K; i++) out[i] = d->by_label[out[i] < own_lo ? out[i] : out[i] + own_n];
+    return K;
 }
 
 CODIR_DEF codir_tensor *codir_crd_loss(codir_ctx *ctx, codir_distiller *d, const codir_output *student,
                                        const codir_output *teacher, const codir_batch *batch,
                                        codir_tensor **zt_out)
 {
-    codir_tensor **fs, **ft, *zs, *zt;
+    codir_tensor **fs, **ft, *zs, *zt, *dirs[2];
+    static const float half[2] = {0.5f, 0.5f};
     int Ls = d->student_layers, k, b, B = batch->batch, K = d->cfg.num_negatives, drawn = K;
-    int *neg;
+    int *neg, *idx;
+    d->last_zs = NULL;
     if (student->num_hidden != Ls + 1 || teacher->num_hidden != d->teacher_layers + 1)
         return codir__op_error(ctx, CODIR_ERR_INVALID, "contrastive loss: models do not match the distiller's layer counts");
     fs = (codir_tensor **)codir_arena_alloc(&ctx->arena, (size_t)Ls * sizeof *fs);
     ft = (codir_tensor **)codir_arena_alloc(&ctx->arena, (size_t)Ls * sizeof *ft);
     if (!fs || !ft) return codir__op_failed(ctx, CODIR_ERR_NOMEM);
 
-    /* Mean-pool each mapped layer over the non-padding tokens and concatenate:
-       f_s is [B, Ls * Cs] and f_t is [B, Ls * Ct]; layer 0 (embeddings) is not used. */
+    /* Pool each mapped layer (mean over non-padding tokens, or the first token) and
+       concatenate: f_s is [B, Ls * Cs] and f_t is [B, Ls * Ct]; layer 0 (the
+       embeddings) is not used. */
     for (k = 0; k < Ls; k++) {
-        fs[k] = codir_mean_pool(ctx, student->hidden[k + 1], &batch->mask);
-        ft[k] = codir_mean_pool(ctx, teacher->hidden[d->layer_map[k]], &batch->mask);
+        codir_tensor *hs = student->hidden[k + 1], *ht = teacher->hidden[d->layer_map[k]];
+        fs[k] = d->cfg.pooling == CODIR_POOL_FIRST ? codir_select_first(ctx, hs) : codir_mean_pool(ctx, hs, &batch->mask);
+        ft[k] = d->cfg.pooling == CODIR_POOL_FIRST ? codir_select_first(ctx, ht) : codir_mean_pool(ctx, ht, &batch->mask);
     }
 
     /* Project and L2-normalize: z = normalize(W f + b). */
@@ -4091,30 +4596,54 @@ CODIR_DEF codir_tensor *codir_crd_loss(codir_ctx *ctx, codir_distiller *d, const
     zt = codir_l2_normalize(ctx, codir_linear(ctx, codir_concat(ctx, ft, Ls), d->proj_t_w, d->proj_t_b));
     if (!zs || !zt) return NULL;
 
-    /* K negatives per example, all with another label; K shrinks to the smallest
-       pool in the batch so every row has the same count. */
-    neg = (int *)codir_arena_alloc(&ctx->arena, (size_t)B * (size_t)(K > 0 ? K : 1) * sizeof(int));
-    if (!neg) return codir__op_failed(ctx, CODIR_ERR_NOMEM);
+    /* K negatives per example; K shrinks to the smallest pool in the batch so every
+       row has the same count. idx holds each row's own id first, then its negatives. */
     for (b = 0; b < B; b++) {
-        int own = d->labels[batch->example_ids.data[b]];
-        int pool = d->num_examples - (d->label_start[own + 1] - d->label_start[own]);
+        int e = batch->example_ids.data[b], pool;
+        if (e < 0 || e >= d->num_examples)
+            return codir__op_error(ctx, CODIR_ERR_INVALID, "contrastive loss: example id %d is outside the bank of %d rows",
+                                   e, d->num_examples);
+        pool = d->targets ? d->num_examples - 1
+                          : d->num_examples - (d->label_start[d->labels[e] + 1] - d->label_start[d->labels[e]]);
         if (pool < drawn) drawn = pool;
     }
     if (drawn < 1)
         return codir__op_error(ctx, CODIR_ERR_INVALID,
                                "contrastive loss: no negatives, because every training example has the same label");
-    for (b = 0; b < B; b++) codir_sample_negatives(d, batch->example_ids.data[b], neg + (size_t)b * drawn, drawn);
-
+    idx = (int *)codir_arena_alloc(&ctx->arena, (size_t)B * (size_t)(drawn + 1) * sizeof(int));
+    neg = (int *)codir_arena_alloc(&ctx->arena, (size_t)B * (size_t)drawn * sizeof(int));
+    if (!idx || !neg) return codir__op_failed(ctx, CODIR_ERR_NOMEM);
+    for (b = 0; b < B; b++) {
+        int *row = idx + (size_t)b * (drawn + 1);
+        row[0] = batch->example_ids.data[b];
+        codir_sample_negatives(d, row[0], row + 1, drawn);
+        memcpy(neg + (size_t)b * drawn, row + 1, (size_t)drawn * sizeof(int));
+    }
     if (zt_out) *zt_out = zt;
-    return codir_infonce(ctx, zs, zt, d->bank, d->num_examples, neg, drawn, d->cfg.tau);
+    d->last_zs = zs;
+    if (d->cfg.mode == CODIR_CRD_INFONCE) return codir_infonce(ctx, zs, zt, d->bank, d->num_examples, neg, drawn, d->cfg.tau);
+
+    /* NCE: the teacher projection scored against the student bank and the student
+       projection against the teacher bank, averaged. The normalizers come from the
+       first batch and stay frozen, as in the official code. */
+    if (!d->z_ready) {
+        d->log_z_t = codir_nce_log_normalizer(zt->data, d->bank_s, idx, B, d->cfg.proj_dim, drawn, d->cfg.tau,
+                                              d->num_examples);
+        d->log_z_s = codir_nce_log_normalizer(zs->data, d->bank, idx, B, d->cfg.proj_dim, drawn, d->cfg.tau,
+                                              d->num_examples);
+        d->z_ready = 1;
+    }
+    dirs[0] = codir_nce(ctx, zt, d->bank_s, d->num_examples, idx, drawn, d->cfg.tau, d->log_z_t, d->num_examples);
+    dirs[1] = codir_nce(ctx, zs, d->bank, d->num_examples, idx, drawn, d->cfg.tau, d->log_z_s, d->num_examples);
+    return codir_weighted_sum(ctx, dirs, half, 2);
 }
 
-CODIR_DEF void codir_bank_update(codir_distiller *d, const float *z, const int *example_ids, int B)
+/* row <- normalize(m row + (1 - m) z) for the rows of bank[N, D] listed in ids[B]. */
+static void codir__bank_rows_update(float *bank, int D, float m, const float *z, const int *ids, int B)
 {
-    int b, j, D = d->cfg.proj_dim;
-    float m = d->cfg.momentum;
+    int b, j;
     for (b = 0; b < B; b++) {
-        float *row = d->bank + (size_t)example_ids[b] * D;
+        float *row = bank + (size_t)ids[b] * D;
         double ss = 0.0;
         float nrm;
         for (j = 0; j < D; j++) {
@@ -4125,6 +4654,13 @@ CODIR_DEF void codir_bank_update(codir_distiller *d, const float *z, const int *
         if (nrm > CODIR__NORMALIZE_EPS)
             for (j = 0; j < D; j++) row[j] /= nrm;
     }
+}
+
+CODIR_DEF void codir_bank_update(codir_distiller *d, const float *z, const int *example_ids, int B)
+{
+    codir__bank_rows_update(d->bank, d->cfg.proj_dim, d->cfg.momentum, z, example_ids, B);
+    if (d->bank_s && d->last_zs)
+        codir__bank_rows_update(d->bank_s, d->cfg.proj_dim, d->cfg.momentum, d->last_zs->data, example_ids, B);
 }
 
 /* ===================================================================================
