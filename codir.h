@@ -706,8 +706,8 @@ CODIR_DEF int codir_config_save(const codir_config *cfg, const char *path);
    negative error. */
 CODIR_DEF int codir_config_load(const char *path, codir_config *cfg);
 
-/* Writes dir/model.safetensors (with metadata {"format": "pt"}, which Hugging Face's
-   loader requires) and dir/config.json. `dir` must exist. Each file is written to a
+/* Writes dir/model.safetensors (with metadata {"format": "pt"}, which transformers'
+   loader checks) and dir/config.json. `dir` must exist. Each file is written to a
    .tmp file and renamed, so neither is ever left half-written, but a crash between the
    two renames can leave a new weights file beside an old config.json. */
 CODIR_DEF int codir_model_save(const codir_model *model, const char *dir);
@@ -746,6 +746,14 @@ enum {
     CODIR_POOL_FIRST = 1        /* the first ([CLS]) token, as the official code does */
 };
 
+/* Where negatives come from, given the group (label) of each bank row. */
+enum {
+    CODIR_NEG_OTHER_GROUP = 0,  /* fine-tuning: examples whose label differs from the anchor's */
+    CODIR_NEG_SAME_GROUP = 1    /* pre-training: other segments of the anchor's document, which
+                                   are close in meaning and so make hard negatives; random
+                                   segments of other documents fill up a short document */
+};
+
 /* Hyperparameters of L = (1 - beta) L_task + beta L_kd + lambda L_crd. */
 typedef struct codir_distill_config {
     float beta;                 /* weight of KD against the task loss; 0.5 */
@@ -763,6 +771,7 @@ typedef struct codir_distill_config {
     float neg_margin;           /* regression: negatives are examples whose target differs
                                    by more than this; 0.5 */
     double max_bank_bytes;      /* refuse memory banks larger than this; 4 GiB */
+    int negatives_from;         /* CODIR_NEG_OTHER_GROUP or CODIR_NEG_SAME_GROUP */
 } codir_distill_config;
 
 CODIR_DEF codir_distill_config codir_distill_config_default(void);
@@ -811,7 +820,8 @@ CODIR_DEF int codir_distiller_set_targets(codir_distiller *d, const float *targe
 
 /* Draws distinct negatives for `anchor` into out[K], uniformly without replacement,
    and returns how many it drew. Classification: examples with another label, at most
-   as many as exist. Regression: see codir_distiller_set_targets. Never the anchor. */
+   as many as exist. Same-group mode: see CODIR_NEG_SAME_GROUP, at most N - 1.
+   Regression: see codir_distiller_set_targets. Never the anchor. */
 CODIR_DEF int codir_sample_negatives(codir_distiller *d, int anchor, int *out, int K);
 
 /* Values of each term after a step. */
@@ -826,6 +836,11 @@ typedef struct codir_loss_terms {
 CODIR_DEF codir_tensor *codir_crd_loss(codir_ctx *ctx, codir_distiller *d, const codir_output *student,
                                        const codir_output *teacher, const codir_batch *batch,
                                        codir_tensor **zt_out);
+/* codir_crd_loss with given negatives instead of sampled ones: neg[B, K] lists K bank
+   rows for each example of the batch. For tests and reproductions. */
+CODIR_DEF codir_tensor *codir_crd_loss_fixed(codir_ctx *ctx, codir_distiller *d, const codir_output *student,
+                                             const codir_output *teacher, const codir_batch *batch, const int *neg,
+                                             int K, codir_tensor **zt_out);
 /* Moves bank rows toward new teacher projections: row <- normalize(m row + (1 - m) z).
    In NCE mode the student bank moves toward d->last_zs the same way. */
 CODIR_DEF void codir_bank_update(codir_distiller *d, const float *z, const int *example_ids, int B);
@@ -855,22 +870,43 @@ CODIR_DEF float codir_lr_schedule(long step, long total, long warmup, float peak
    =================================================================================== */
 /* WordPiece tokenizer (BERT), vocabulary builder and GLUE-style TSV reader.
 
-   Tokenization follows BERT's tokenizer (google-research/bert tokenization.py, which
-   Hugging Face's BertTokenizer copies). It drops NUL, U+FFFD and control characters,
-   splits on whitespace, optionally lowercases, and splits off punctuation and CJK
-   ideographs as single-character words. Then it cuts each word into the longest
-   vocabulary pieces from the left, continuation pieces carrying a "##" prefix. A word
-   that cannot be cut completely, or that is longer than 100 characters, becomes one
-   [UNK]. Text is UTF-8. Each invalid byte counts as U+FFFD and is dropped, so
-   "ab\xFFcd" is the word "abcd". Lowercasing covers ASCII letters only, and only ASCII
-   punctuation is split. */
+   Tokenization equals Hugging Face tokenizers' BERT pipeline (BertNormalizer with
+   clean_text and handle_chinese_chars, BertPreTokenizer, WordPiece with "##" and
+   max_input_chars_per_word 100, BertProcessing), which tests/test_text.c checks against
+   ids written by tokenizers 0.23.2 (npm). In order:
+     1. Clean: NUL, U+FFFD and every character of category Cc, Cf or Co is dropped,
+        except tab, LF and CR, which count as whitespace like Zs, U+2028 and U+2029.
+        Unassigned code points (Cn) are kept, as Hugging Face keeps them.
+     2. CJK ideographs (the blocks of BERT's _is_chinese_char) become words by themselves.
+     3. With lowercasing (uncased models): Unicode NFD, drop every Mn character, then
+        full Unicode lowercase. Hangul syllables decompose into their jamo, as in NFD.
+     4. Split at whitespace. Each punctuation character (ASCII punctuation such as "$",
+        "+" and "`", and every P* category) becomes a word by itself.
+     5. WordPiece: the longest vocabulary pieces from the left, continuation pieces
+        carrying a "##" prefix. A word that cannot be cut completely, or that has more
+        than 100 characters after normalization, becomes one [UNK].
+   Special-token strings in the text, such as "[SEP]", are split like any other text,
+   as in a Hugging Face pipeline without added tokens. (A tokenizer.json from a model
+   hub does add them, and then matches "[SEP]" in the text as one token.)
+
+   Text is UTF-8. An invalid byte (stray continuation byte, overlong form, surrogate,
+   value above U+10FFFF, truncated sequence) counts as one U+FFFD and is dropped like
+   it, without splitting the word: "ab\xFFcd" is the word "abcd". That equals Hugging
+   Face on the string decoded with U+FFFD replacement, as Python's
+   bytes.decode("utf-8", "replace") does.
+
+   NOTE: the character tables follow Unicode 14.0 (Python 3.11's unicodedata), while
+   tokenizers 0.23.2 takes categories from an older table (Unicode 8.0) and lowercase
+   from Rust's standard library (Unicode 16.0). About 560 code points, all assigned or
+   recategorized after Unicode 8.0, tokenize differently; tests/fixtures/README.md lists
+   the kinds, and hf_unicode_differences.txt there lists every one. */
 
 /* A WordPiece vocabulary: token strings indexed by id, as in BERT's vocab.txt. */
 typedef struct codir_vocab {
     int size;              /* number of tokens; ids are 0..size-1 */
     char **tokens;         /* [size] NUL-terminated token strings */
     int pad_id, unk_id, cls_id, sep_id, mask_id;
-    int lowercase;         /* 1: lowercase ASCII before matching */
+    int lowercase;         /* 1: uncased: strip accents and lowercase before matching */
     /* private: an open-addressing hash table from token to id */
     int *table; size_t table_size;
 } codir_vocab;
@@ -878,8 +914,11 @@ typedef struct codir_vocab {
 /* Loads a vocab.txt: one token per line, id = line index (0-based), "\n" or "\r\n"
    line ends, an optional UTF-8 BOM. The file must contain [PAD], [UNK], [CLS], [SEP]
    and [MASK]. If a token occurs twice, lookups return the later id, as in Hugging
-   Face's loader. `lowercase` (0 or 1) is stored in the vocabulary and applied by
-   codir_tokenize. Returns NULL on failure. */
+   Face's loader. `lowercase` is 1 for uncased models (BertNormalizer with lowercase
+   and strip_accents) and 0 for cased ones (neither); it is stored in the vocabulary
+   and applied by codir_tokenize. Returns NULL on failure.
+   NOTE: Hugging Face's loader also strips trailing whitespace from each line, which
+   this loader keeps; no vocabulary that codir_vocab_build writes has such tokens. */
 CODIR_DEF codir_vocab *codir_vocab_load(const char *path, int lowercase);
 
 /* Writes the vocabulary as vocab.txt, one token per line in id order, so that
@@ -920,35 +959,110 @@ CODIR_DEF int codir_vocab_id(const codir_vocab *vocab, const char *token);
 /* Returns the token string for `id`, or NULL if id is out of range. */
 CODIR_DEF const char *codir_vocab_token(const codir_vocab *vocab, int id);
 
+/* Writes the words of text after normalization and pre-tokenization (steps 1 to 4
+   above; lowercase as in codir_vocab_load) to out, separated by single spaces and
+   NUL-terminated. Words of more than 100 characters are written whole. Returns the
+   length without the NUL, which may exceed out_size - 1 as with snprintf, or a
+   negative error. out may be NULL when out_size is 0. Meant for inspecting and
+   testing the tokenizer. */
+CODIR_DEF int codir_pretokenize(const char *text, int lowercase, char *out, int out_size);
+
 /* Writes at most max_ids WordPiece ids of text (no special tokens) to ids. Returns the
    total count of pieces, which may exceed max_ids as with snprintf, or a negative
-   error. ids may be NULL when max_ids is 0, to measure the length first. Special-token
-   strings in the text, such as "[SEP]", are split like any other text. */
+   error. ids may be NULL when max_ids is 0, to measure the length first. */
 CODIR_DEF int codir_tokenize(const codir_vocab *vocab, const char *text, int *ids, int max_ids);
 
 /* Writes [CLS] pieces [SEP] truncated to max_len ids and returns the length (>= 2) or
    a negative error. Truncation drops pieces from the end and keeps [SEP]. A max_len
-   below 2 is CODIR_ERR_INVALID. */
+   below 2 is CODIR_ERR_INVALID. Equals codir_encode_pair with b = NULL. */
 CODIR_DEF int codir_encode(const codir_vocab *vocab, const char *text, int *ids, int max_len);
 
-/* Labelled single sentences, as read from a GLUE-style TSV file. */
+/* Writes "[CLS] a [SEP] b [SEP]" to ids[max_len] and the token-type ids to types (0 for
+   [CLS], the pieces of a and the first [SEP]; 1 for the pieces of b and the last
+   [SEP]), and returns the length or a negative error. With b = NULL it writes
+   "[CLS] a [SEP]" with all types 0, like codir_encode. types may be NULL.
+
+   Truncation matches Hugging Face's "longest_first" strategy as tokenizers 0.23.2
+   applies it, with m = max_len - 3 slots for pieces. If both sides fit, nothing is
+   cut. Else each side's length is counted up to the end of the word that reaches
+   max_len pieces (the library reads no further). If the shorter side has at most
+   m / 2 pieces, it is kept whole and the longer side is cut to the rest. Otherwise the
+   longer side keeps m - m / 2 pieces and the shorter m / 2, and on a tie the first
+   sentence keeps m / 2: with m odd, the first sentence loses the extra piece. Pieces
+   are dropped from the end of each side. A max_len below 3 (2 without b) is
+   CODIR_ERR_INVALID, because the special tokens would not fit. */
+CODIR_DEF int codir_encode_pair(const codir_vocab *vocab, const char *a, const char *b, int *ids, int *types,
+                                int max_len);
+
+/* Labelled sentences or sentence pairs, as read from a GLUE-style TSV file. */
 typedef struct codir_dataset {
     int count;             /* number of examples */
-    char **texts;          /* [count] sentences */
-    int *labels;           /* [count] class ids */
-    int num_classes;       /* max label + 1 */
+    char **texts;          /* [count] sentences (the first sentence of a pair) */
+    int *labels;           /* [count] class ids; all 0 for regression */
+    int num_classes;       /* max label + 1, or the number of label names; 1 for regression */
+    char **texts_b;        /* [count] second sentences, or NULL for single sentences */
+    float *targets;        /* [count] regression targets, or NULL for classification */
+    int is_regression;     /* 1: targets holds the labels (STS-B scores) */
+    char **label_names;    /* [num_classes] class names in id order, or NULL when the
+                              file stores class ids */
 } codir_dataset;
 
-/* Reads a GLUE-style single-sentence TSV file such as SST-2's train.tsv. The first
-   line is a header that names the columns. The columns named "sentence" and "label"
-   are read, and other columns are ignored. Fields are separated by tabs only, and
-   quotes are literal text. Every row must have as many fields as the header and an
-   integer label >= 0. "\r\n" line ends, a UTF-8 BOM, a missing final newline and empty
-   lines at the end are accepted. A malformed row fails the whole load with a message
-   that starts "path:line:". Returns NULL on failure. */
+/* How labels are written in a TSV file. */
+typedef enum codir_label_kind {
+    CODIR_LABEL_IDS = 0,   /* integers >= 0, used as class ids */
+    CODIR_LABEL_NAMES,     /* class names such as "entailment"; see label_names below */
+    CODIR_LABEL_FLOAT      /* real numbers, for regression */
+} codir_label_kind;
+
+/* Where codir_dataset_load_tsv_opts finds the columns. A column is found by its header
+   name when the name is set and has_header is 1, else by its 0-based index. */
+typedef struct codir_tsv_options {
+    int has_header;            /* 1: the first line names the columns and is skipped */
+    const char *text_a;        /* name of the first text column, e.g. "sentence1" */
+    const char *text_b;        /* name of the second text column, NULL for none */
+    const char *label;         /* name of the label column */
+    int text_a_index;          /* used when text_a is NULL */
+    int text_b_index;          /* used when text_b is NULL; -1 for single sentences */
+    int label_index;           /* used when label is NULL */
+    codir_label_kind label_kind;
+    /* CODIR_LABEL_NAMES only: the class names, name i being class i; every label must
+       be one of them. NULL: the distinct labels of this file sorted by strcmp. Pass
+       the training set's label_names and num_classes when loading its dev set, so
+       both use the same ids. */
+    const char *const *label_names;
+    int label_name_count;
+} codir_tsv_options;
+
+/* Returns options for a file with a header, columns "sentence" and "label", no second
+   text and integer labels; every index is -1. */
+CODIR_DEF codir_tsv_options codir_tsv_options_default(void);
+
+/* Reads a TSV file laid out as `options` says. Fields are separated by tabs only, and
+   quotes are literal text. Every row must have as many fields as the first line and a
+   valid label. "\r\n" line ends, a UTF-8 BOM, a missing final newline and empty lines
+   at the end are accepted. A malformed row fails the whole load with a message that
+   starts "path:line:". Returns NULL on failure. */
+CODIR_DEF codir_dataset *codir_dataset_load_tsv_opts(const char *path, const codir_tsv_options *options);
+
+/* Reads a GLUE task's train.tsv or dev.tsv, recognizing the layout by its header:
+     header contains                      text columns             labels
+     sentence, label (SST-2)              sentence                 ids
+     #1 String, #2 String, Quality (MRPC) #1 String, #2 String     ids from Quality
+     question, sentence, label (QNLI)     question, sentence       entailment, not_entailment
+     sentence1, sentence2, score (STS-B)  sentence1, sentence2     floats (regression)
+     sentence1, sentence2, gold_label     sentence1, sentence2     entailment, neutral,
+       (MNLI)                                                        contradiction
+     sentence1, sentence2, label (RTE)    sentence1, sentence2     entailment, not_entailment
+     question1, question2, is_duplicate   question1, question2     ids
+       (QQP)
+   Class names get the ids of the order listed, as in Hugging Face's GLUE datasets, so
+   train and dev agree. A file whose first line has 4 fields, the second "0" or "1"
+   and the third empty or "*", and no known header, is read as CoLA (no header; source,
+   label, original label, sentence). Other columns are ignored. Returns NULL on failure,
+   with a message naming the expected headers. */
 CODIR_DEF codir_dataset *codir_dataset_load_tsv(const char *path);
 
-/* Frees the dataset and its sentences; NULL is allowed. */
+/* Frees the dataset, its sentences and label names; NULL is allowed. */
 CODIR_DEF void codir_dataset_free(codir_dataset *data);
 
 /* A data set encoded to token ids, each sequence [CLS] pieces [SEP]. */
@@ -1008,6 +1122,36 @@ CODIR_DEF int codir_task_step(codir_ctx *ctx, codir_model *model, codir_adamw *o
 CODIR_DEF int codir_distill_step(codir_ctx *ctx, codir_model *student, const codir_model *teacher,
                                  codir_distiller *d, codir_adamw *opt_student, codir_adamw *opt_heads,
                                  const codir_batch *batch, float lr, codir_loss_terms *terms);
+/* The teacher's outputs for every training example, computed once. A frozen teacher
+   without dropout gives the same logits and the same pooled mapped layers for an
+   example every epoch, and its forward pass is a large share of a CoDIR step, so
+   computing them once makes a CoDIR step cost about a student training step. Rows
+   are the same as running the teacher in the step because every op of the forward
+   pass computes each example independently of the others in its batch. It does not
+   apply to pre-training, where the masked positions change every step. */
+typedef struct codir_teacher_cache {
+    int count;                  /* examples */
+    int num_labels;             /* width of a logits row */
+    int feature_dim;            /* Ls * Ct pooled features per example, 0 when lambda is 0 */
+    float *logits;              /* [count, num_labels] */
+    float *features;            /* [count, feature_dim], or NULL */
+    size_t bytes;               /* memory of logits and features */
+} codir_teacher_cache;
+
+/* Returns the bytes a cache of `count` examples needs for this teacher and distiller. */
+CODIR_DEF double codir_teacher_cache_bytes(const codir_config *teacher, const codir_distiller *d, int count);
+/* Runs the teacher once over enc in batches of batch_size and stores its outputs.
+   Returns NULL with CODIR_ERR_NOMEM's reason when the cache would exceed max_bytes
+   (0 for no limit); run codir_distill_step with the teacher instead then. */
+CODIR_DEF codir_teacher_cache *codir_teacher_cache_build(codir_ctx *ctx, const codir_model *teacher,
+                                                         const codir_distiller *d, const codir_encoded *enc,
+                                                         int batch_size, double max_bytes);
+CODIR_DEF void codir_teacher_cache_free(codir_teacher_cache *cache);
+/* codir_distill_step with the teacher's outputs read from the cache by example id. */
+CODIR_DEF int codir_distill_step_cached(codir_ctx *ctx, codir_model *student, const codir_teacher_cache *cache,
+                                        codir_distiller *d, codir_adamw *opt_student, codir_adamw *opt_heads,
+                                        const codir_batch *batch, float lr, codir_loss_terms *terms);
+
 /* Writes the model's outputs for every example of enc to out[count, num_labels], in
    batches of batch_size, without dropout or tape. */
 CODIR_DEF int codir_predict(codir_ctx *ctx, const codir_model *model, const codir_encoded *enc, int batch_size,
@@ -1036,6 +1180,156 @@ CODIR_DEF int codir_spearman(const float *x, const float *y, int n, double *out)
 /* Scores of model on enc: every metric that applies to its task, the rest NaN. */
 CODIR_DEF int codir_evaluate(codir_ctx *ctx, const codir_model *model, const codir_encoded *enc,
                              int batch_size, codir_scores *scores);
+
+/* Masked-LM pre-training and CoDIR-Pre. */
+/* ---- masked-LM pre-training and CoDIR-Pre ----
+
+   CoDIR-Pre distils a teacher into a student while both see masked-LM input, with no
+   task labels, so that one small student can later be fine-tuned on any task:
+
+       L = (1 - beta) L_mlm + beta L_kd + lambda L_crd
+
+   L_mlm is the student's cross-entropy at the chosen (masked) positions, L_kd is
+   T^2 KL(p_teacher || p_student) on the vocabulary logits at the same positions, and
+   L_crd is the contrastive term of section 7 with negatives drawn from other segments
+   of the anchor's document. The official CoDIR code released only MLM + KD for this
+   stage; the contrastive part follows the paper's description.
+
+   The pipeline, in the order the data flows:
+
+       codir_corpus_load            paragraphs and the document each belongs to
+       codir_segment_corpus         segments [CLS] pieces [SEP] as a codir_encoded
+                                    whose labels are document ids
+       codir_batch_fill             a padded batch of segments (section 9)
+       codir_mlm_mask               choose and corrupt tokens in a copy of the ids
+       codir_mlm_step               the teacher: masked-LM loss only
+       codir_pretrain_distill_step  the student: the three-part loss above
+       codir_mlm_evaluate           masked-token accuracy and perplexity
+
+   For the contrastive term, create the distiller with the segments' labels (document
+   ids), one bank row per segment, and cfg.negatives_from = CODIR_NEG_SAME_GROUP:
+
+       dcfg.negatives_from = CODIR_NEG_SAME_GROUP;
+       d = codir_distiller_create(&dcfg, &student->cfg, &teacher->cfg, segments->labels,
+                                  segments->count, seed); */
+
+/* Pre-training text: UTF-8, one paragraph per line, documents separated by empty
+   lines, the input format of BERT's create_pretraining_data.py. As there, a line that
+   holds only whitespace counts as empty, and several empty lines in a row end one
+   document, so no document is empty. */
+typedef struct codir_corpus {
+    int num_lines;              /* non-empty lines */
+    char **lines;               /* [num_lines] paragraphs without the line end ("\n", "\r\n") */
+    int *docs;                  /* [num_lines] document of each line, 0-based, non-decreasing */
+    int *line_numbers;          /* [num_lines] 1-based line number in the source, for messages */
+    int num_docs;
+    char *name;                 /* the file path, or the name given to codir_corpus_parse */
+} codir_corpus;
+
+/* Reads a corpus file; see codir_corpus_parse. Returns NULL on failure. */
+CODIR_DEF codir_corpus *codir_corpus_load(const char *path);
+/* Splits text[length] into lines and documents. A UTF-8 byte order mark at the start
+   is skipped. Rejects a NUL byte (naming "name:line") and a text without any non-empty
+   line. `name` appears in messages. Returns NULL on failure. */
+CODIR_DEF codir_corpus *codir_corpus_parse(const char *text, size_t length, const char *name);
+/* Frees the corpus; NULL is allowed. */
+CODIR_DEF void codir_corpus_free(codir_corpus *corpus);
+
+/* Cuts every document into segments [CLS] pieces [SEP] of at most max_len ids, with
+   P = max_len - 2 pieces of room. The lines of a document are packed in order: a line
+   that does not fit in the room left starts a new segment, and a line of more than P
+   pieces fills whole segments, its last part starting the next segment, which later
+   lines of the document may join. No segment holds pieces of two documents; lines
+   without pieces are skipped. Returns a codir_encoded (free with codir_encoded_free)
+   with labels[i] the document of segment i, num_classes = corpus->num_docs, and no
+   types or targets; segments are in corpus order. A tokenizer failure names the
+   corpus and line. max_len must be at least 3. Returns NULL on failure. */
+CODIR_DEF codir_encoded *codir_segment_corpus(const codir_vocab *vocab, const codir_corpus *corpus, int max_len);
+
+/* Token corruption of BERT's masked-LM task (Devlin et al. 2019, section 3.1). */
+typedef struct codir_mlm_config {
+    float select_prob;          /* share of the eligible tokens chosen for prediction; 0.15 */
+    float mask_prob;            /* share of chosen tokens replaced by mask_id; 0.8 */
+    float random_prob;          /* share of chosen tokens replaced by a random eligible id;
+                                   0.1. The other chosen tokens keep their id. */
+    int vocab_size;             /* ids are 0..vocab_size-1 */
+    int mask_id;                /* the [MASK] token */
+    int special_ids[5];         /* [PAD], [UNK], [CLS], [SEP], [MASK]: never chosen and never
+                                   drawn as a random token; -1 marks an unused entry */
+} codir_mlm_config;
+
+/* Returns BERT's rates (0.15, then 0.8 / 0.1 / 0.1) and the special ids of vocab. */
+CODIR_DEF codir_mlm_config codir_mlm_config_default(const codir_vocab *vocab);
+
+/* A batch after masking. `batch` is a copy of the source codir_batch whose ids point
+   to masked_ids; its other buffers (types, mask, labels, example ids) still belong to
+   the source batch, which must outlive every use of this one. */
+typedef struct codir_mlm_batch {
+    codir_batch batch;          /* the model input: the source batch with masked ids */
+    int *masked_ids;            /* [B * T] the source ids with the chosen tokens replaced */
+    int *positions;             /* [count] chosen positions b * T + t, ascending */
+    int *targets;               /* [count] the original ids at those positions */
+    int count;                  /* chosen positions in this batch */
+    size_t capacity;            /* B * T that the buffers hold */
+} codir_mlm_batch;
+
+/* Allocates buffers for batches of up to max_batch segments of max_len tokens. */
+CODIR_DEF int codir_mlm_batch_init(codir_mlm_batch *mb, int max_batch, int max_len);
+CODIR_DEF void codir_mlm_batch_free(codir_mlm_batch *mb);
+
+/* Chooses and corrupts tokens of `batch` into mb. Eligible tokens are the non-padding
+   tokens whose id is not special. Each segment with n eligible tokens gets exactly
+   max(1, round(select_prob * n)) chosen ones (none when n is 0), as BERT's
+   create_pretraining_data.py picks them: a uniform random subset. Each chosen token
+   becomes mask_id with probability mask_prob, a uniform random eligible id with
+   probability random_prob, and stays as it is otherwise. Every decision depends only
+   on (seed, example id, position), through a counter-based hash: a segment gets the
+   same masks in any batch, at any batch size, so an evaluation with a fixed seed is
+   reproducible, while training passes a new seed per step for dynamic masking.
+   Returns CODIR_OK or CODIR_ERR_INVALID (bad rates, ids or capacity). */
+CODIR_DEF int codir_mlm_mask(codir_mlm_batch *mb, const codir_batch *batch, const codir_mlm_config *cfg,
+                             uint64_t seed);
+
+/* Masked-LM cross-entropy, the mean over mb's chosen positions of the last hidden
+   layer hidden[B, T, C]; no other position enters the loss or receives gradient.
+   *logits_out, when not NULL, receives the logits [count, V]. Needs cfg.mlm_head and
+   mb->count >= 1. */
+CODIR_DEF codir_tensor *codir_mlm_loss(codir_ctx *ctx, const codir_model *model, codir_tensor *hidden,
+                                       const codir_mlm_batch *mb, codir_tensor **logits_out);
+
+/* One masked-LM step of a model with cfg.mlm_head: forward with dropout, loss at the
+   chosen positions, backward, AdamW. terms->task and terms->total receive the loss.
+   A batch without chosen positions changes nothing and leaves every term 0. Returns
+   CODIR_ERR_NONFINITE naming the term or parameter before any parameter changes. */
+CODIR_DEF int codir_mlm_step(codir_ctx *ctx, codir_model *model, codir_adamw *opt, const codir_mlm_batch *mb,
+                             float lr, codir_loss_terms *terms);
+
+/* One CoDIR-Pre step: the frozen teacher runs on the masked batch without dropout or
+   tape; the student and the projection heads of d are trained on
+   (1 - beta) L_mlm + beta L_kd + lambda L_crd (weights and T from d->cfg), and the bank
+   rows of the batch's segments move toward the new teacher projections. Both models
+   need cfg.mlm_head and the same vocabulary. terms->task receives L_mlm. Without
+   chosen positions, L_mlm and L_kd are left out for that batch. */
+CODIR_DEF int codir_pretrain_distill_step(codir_ctx *ctx, codir_model *student, const codir_model *teacher,
+                                          codir_distiller *d, codir_adamw *opt_student, codir_adamw *opt_heads,
+                                          const codir_mlm_batch *mb, float lr, codir_loss_terms *terms);
+
+/* Masked-LM scores on held-out segments. */
+typedef struct codir_mlm_scores {
+    double accuracy;            /* share of chosen tokens whose highest logit is the original id */
+    double loss;                /* mean cross-entropy over all chosen tokens, in nats */
+    double perplexity;          /* exp(loss) */
+    long count;                 /* chosen tokens scored */
+} codir_mlm_scores;
+
+/* Masks every segment of enc with codir_mlm_mask(cfg, seed) and scores model at the
+   chosen positions, in batches of batch_size, without dropout or tape. The means are
+   over tokens, not batches, and the same seed chooses the same tokens at any batch
+   size. This perplexity is over the corrupted input of the masked-LM task (80% [MASK],
+   10% random, 10% kept), not a left-to-right language-model perplexity. */
+CODIR_DEF int codir_mlm_evaluate(codir_ctx *ctx, const codir_model *model, const codir_encoded *enc,
+                                 int batch_size, const codir_mlm_config *cfg, uint64_t seed,
+                                 codir_mlm_scores *scores);
 
 #ifdef __cplusplus
 }
@@ -4267,7 +4561,1836 @@ CODIR_DEF codir_tensor *codir_mlm_logits(codir_ctx *ctx, const codir_model *mode
     return codir_linear(ctx, h, model->tok_emb, model->mlm_bias);
 }
 
+/* ===================================================================================
+   Checkpoints: safetensors files and Hugging Face BERT model folders (implementation)
+   =================================================================================== */
 
+#include <locale.h>
+
+/* ---- files ---- */
+
+/* Returns a heap copy of dir + "/" + name, or NULL. */
+static char *codir__io_join(const char *dir, const char *name)
+{
+    size_t dir_length = strlen(dir), name_length = strlen(name), bytes;
+    int slash = dir_length > 0 && dir[dir_length - 1] != '/' && dir[dir_length - 1] != '\\';
+    char *path;
+    if (!codir__size_add(dir_length, name_length, &bytes) || !codir__size_add(bytes, 2, &bytes)) {
+        codir__fail(CODIR_ERR_OVERFLOW, "path length overflows size_t");
+        return NULL;
+    }
+    path = (char *)codir__malloc(bytes);
+    if (!path) return NULL;
+    memcpy(path, dir, dir_length);
+    if (slash) path[dir_length] = '/';
+    memcpy(path + dir_length + slash, name, name_length + 1);
+    return path;
+}
+
+/* Creates `path`.tmp for writing; stores the stream in *file and its heap-allocated
+   name in *tmp_path. */
+static int codir__io_create_tmp(const char *path, FILE **file, char **tmp_path)
+{
+    size_t length = strlen(path), bytes;
+    int rc;
+    *file = NULL;
+    *tmp_path = NULL;
+    if (!codir__size_add(length, sizeof ".tmp", &bytes))
+        return codir__fail(CODIR_ERR_OVERFLOW, "path length overflows size_t");
+    *tmp_path = (char *)codir__malloc(bytes);
+    if (!*tmp_path) return CODIR_ERR_NOMEM;
+    memcpy(*tmp_path, path, length);
+    memcpy(*tmp_path + length, ".tmp", sizeof ".tmp");
+    *file = fopen(*tmp_path, "wb");
+    if (*file) return CODIR_OK;
+    rc = codir__fail(CODIR_ERR_IO, "failed to create '%s': %s; check that the directory exists and is writable",
+                     *tmp_path, strerror(errno));
+    codir__free(*tmp_path);
+    *tmp_path = NULL;
+    return rc;
+}
+
+/* Closes the file written to tmp_path and renames it to path, or removes it when
+   `failed` is set or closing fails. Frees tmp_path. C11 has no fsync, so the data may
+   still sit in the operating system's cache when this returns. */
+static int codir__io_commit(FILE *file, char *tmp_path, const char *path, int failed)
+{
+    int rc = CODIR_OK;
+    if (fflush(file) != 0 || ferror(file)) failed = 1;
+    if (fclose(file) != 0) failed = 1;
+    if (failed) {
+        rc = codir__fail(CODIR_ERR_IO, "failed to write '%s'; check the free disk space", tmp_path);
+        remove(tmp_path);
+    } else if (rename(tmp_path, path) != 0) {
+#ifdef _WIN32
+        /* Windows' rename() does not replace an existing file. */
+        remove(path);
+        if (rename(tmp_path, path) == 0) {
+            codir__free(tmp_path);
+            return CODIR_OK;
+        }
+#endif
+        rc = codir__fail(CODIR_ERR_IO, "failed to rename '%s' to '%s': %s", tmp_path, path, strerror(errno));
+        remove(tmp_path);
+    }
+    codir__free(tmp_path);
+    return rc;
+}
+
+/* Writes the n bytes at data to path through path.tmp. */
+static int codir__io_write_file(const char *path, const char *data, size_t n)
+{
+    char *tmp_path;
+    FILE *file;
+    int rc = codir__io_create_tmp(path, &file, &tmp_path);
+    if (rc) return rc;
+    return codir__io_commit(file, tmp_path, path, fwrite(data, 1, n, file) != n);
+}
+
+/* Reads a whole file of at most max_bytes into *data, a NUL-terminated heap buffer. */
+static int codir__io_read_file(const char *path, size_t max_bytes, char **out, size_t *length)
+{
+    FILE *file = fopen(path, "rb");
+    char *data = NULL;
+    size_t size = 0, capacity = 0;
+    int rc;
+    *out = NULL;
+    if (!file) return codir__fail(CODIR_ERR_IO, "failed to open '%s': %s; check the path", path, strerror(errno));
+    for (;;) {
+        size_t got;
+        if (capacity - size < 2) {
+            size_t grown = capacity ? capacity * 2 : 4096;
+            char *bigger;
+            if (capacity > max_bytes) {
+                rc = codir__fail(CODIR_ERR_INVALID, "'%s' is larger than the %zu bytes allowed for it", path,
+                                 max_bytes);
+                goto fail;
+            }
+            bigger = (char *)codir__realloc(data, grown);
+            if (!bigger) {
+                rc = CODIR_ERR_NOMEM;
+                goto fail;
+            }
+            data = bigger;
+            capacity = grown;
+        }
+        got = fread(data + size, 1, capacity - size - 1, file);
+        size += got;
+        if (got == 0) break;
+    }
+    if (ferror(file)) {
+        rc = codir__fail(CODIR_ERR_IO, "failed to read '%s'", path);
+        goto fail;
+    }
+    fclose(file);
+    data[size] = '\0';
+    *out = data;
+    *length = size;
+    return CODIR_OK;
+
+fail:
+    fclose(file);
+    codir__free(data);
+    return rc;
+}
+
+/* ---- text buffers ---- */
+
+/* A growable byte string; `failed` records an allocation failure, so a writer can
+   append freely and check once. */
+typedef struct codir__io_buf {
+    char *data;
+    size_t length, capacity;
+    int failed;
+} codir__io_buf;
+
+static void codir__io_put(codir__io_buf *b, const char *s, size_t n)
+{
+    size_t need;
+    if (b->failed) return;
+    if (!codir__size_add(b->length, n, &need) || !codir__size_add(need, 1, &need)) {
+        codir__fail(CODIR_ERR_OVERFLOW, "text buffer size overflows size_t");
+        b->failed = 1;
+        return;
+    }
+    if (need > b->capacity) {
+        size_t grown = b->capacity ? b->capacity : 256;
+        char *bigger;
+        while (grown < need) {
+            if (!codir__size_mul(grown, 2, &grown)) grown = need;
+        }
+        bigger = (char *)codir__realloc(b->data, grown);
+        if (!bigger) {
+            b->failed = 1;
+            return;
+        }
+        b->data = bigger;
+        b->capacity = grown;
+    }
+    memcpy(b->data + b->length, s, n);
+    b->length += n;
+    b->data[b->length] = '\0';
+}
+
+static void codir__io_puts(codir__io_buf *b, const char *s) { codir__io_put(b, s, strlen(s)); }
+
+static void codir__io_put_u64(codir__io_buf *b, uint64_t v)
+{
+    char digits[24];
+    int n = 0;
+    do {
+        digits[sizeof digits - 1 - n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    codir__io_put(b, digits + sizeof digits - n, (size_t)n);
+}
+
+/* Appends s as a JSON string. Like serde_json and Python's json.dumps with
+   ensure_ascii=False, it escapes only '"', '\\' and control characters below 0x20:
+   \b \t \n \f \r by letter and the others as \u00XX with lowercase hex digits. */
+static void codir__io_put_json_string(codir__io_buf *b, const char *s)
+{
+    static const char hex[] = "0123456789abcdef";
+    codir__io_put(b, "\"", 1);
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        char escape[6] = {'\\', 'u', '0', '0', 0, 0};
+        if (c == '"' || c == '\\') {
+            escape[1] = (char)c;
+            codir__io_put(b, escape, 2);
+        } else if (c == '\b' || c == '\t' || c == '\n' || c == '\f' || c == '\r') {
+            escape[1] = c == '\b' ? 'b' : c == '\t' ? 't' : c == '\n' ? 'n' : c == '\f' ? 'f' : 'r';
+            codir__io_put(b, escape, 2);
+        } else if (c < 0x20) {
+            escape[4] = hex[c >> 4];
+            escape[5] = hex[c & 15];
+            codir__io_put(b, escape, 6);
+        } else {
+            codir__io_put(b, (const char *)&c, 1);
+        }
+    }
+    codir__io_put(b, "\"", 1);
+}
+
+/* Appends the shortest decimal that reads back as exactly v, written with '.' whatever
+   the C locale, and with ".0" added to whole numbers as Python writes floats. */
+static void codir__io_put_float(codir__io_buf *b, float v)
+{
+    char text[48];
+    int precision, i, plain = 1;
+    for (precision = 1; precision <= 9; precision++) {
+        snprintf(text, sizeof text, "%.*g", precision, (double)v);
+        for (i = 0; text[i]; i++)
+            if (!strchr("0123456789+-eE", text[i])) text[i] = '.';
+        if (precision == 9) break;
+        {
+            char back[48];
+            struct lconv *lc = localeconv();
+            memcpy(back, text, sizeof text);
+            if (lc && lc->decimal_point && strlen(lc->decimal_point) == 1)
+                for (i = 0; back[i]; i++)
+                    if (back[i] == '.') back[i] = lc->decimal_point[0];
+            if (strtof(back, NULL) == v) break;
+        }
+    }
+    for (i = 0; text[i]; i++)
+        if (!strchr("0123456789+-", text[i])) plain = 0;
+    codir__io_puts(b, text);
+    if (plain) codir__io_puts(b, ".0");
+}
+
+/* ---- UTF-8 and JSON ---- */
+
+/* Returns the length of the valid UTF-8 sequence at s (at most `available` bytes), or 0
+   when it is invalid: a stray continuation byte, a truncated, overlong or surrogate
+   sequence, or a code point above U+10FFFF. */
+static size_t codir__io_utf8_length(const unsigned char *s, size_t available)
+{
+    uint32_t cp;
+    size_t n, i;
+    if (s[0] < 0x80) return 1;
+    if (s[0] >= 0xC2 && s[0] <= 0xDF) n = 2, cp = s[0] & 0x1Fu;
+    else if (s[0] >= 0xE0 && s[0] <= 0xEF) n = 3, cp = s[0] & 0x0Fu;
+    else if (s[0] >= 0xF0 && s[0] <= 0xF4) n = 4, cp = s[0] & 0x07u;
+    else return 0;
+    if (available < n) return 0;
+    for (i = 1; i < n; i++) {
+        if ((s[i] & 0xC0) != 0x80) return 0;
+        cp = (cp << 6) | (s[i] & 0x3Fu);
+    }
+    if ((n == 3 && cp < 0x800) || (n == 4 && cp < 0x10000) || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+        return 0;
+    return n;
+}
+
+/* Returns 1 when the NUL-terminated s is valid UTF-8. */
+static int codir__io_utf8_valid(const char *s)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    size_t left = strlen(s);
+    while (left) {
+        size_t n = codir__io_utf8_length(p, left);
+        if (!n) return 0;
+        p += n;
+        left -= n;
+    }
+    return 1;
+}
+
+enum { CODIR__JSON_NULL, CODIR__JSON_FALSE, CODIR__JSON_TRUE, CODIR__JSON_NUMBER, CODIR__JSON_STRING,
+       CODIR__JSON_ARRAY, CODIR__JSON_OBJECT };
+
+#define CODIR__JSON_MAX_DEPTH 64
+
+/* One value of a parsed JSON document. Children of an array or object form a list
+   through `first` and `next`, which are indexes into the document's node array. */
+typedef struct codir__json_node {
+    int type;
+    int count;                  /* items of an array or members of an object */
+    int first;                  /* first item or member, -1 if none */
+    int next;                   /* next item or member of the parent, -1 if last */
+    size_t offset;              /* byte offset of the value in the text */
+    size_t key, key_length;     /* object members: the key's position in the string pool */
+    size_t key_offset;          /* object members: byte offset of the key in the text */
+    size_t str, str_length;     /* strings: the decoded value's position in the pool */
+    int is_uint;                /* numbers: 1 for a non-negative integer that fits uint64_t */
+    int is_integer;             /* numbers: 1 when written without fraction or exponent */
+    uint64_t uint_value;
+    double number;
+} codir__json_node;
+
+/* A strict RFC 8259 parser for headers and configuration files: no comments, trailing
+   commas, NaN or single quotes; strings must be valid UTF-8 with paired surrogates;
+   objects may not repeat a key. Decoded strings are NUL-terminated in `pool` and may
+   contain NUL themselves (from \u0000). */
+typedef struct codir__json {
+    const char *text;
+    size_t length, pos;
+    size_t base;                /* added to offsets in messages: the text's offset in its file */
+    const char *source;         /* file path, for messages */
+    const char *role;           /* what the file should be, for messages */
+    codir__json_node *nodes;
+    int num_nodes, capacity;
+    codir__io_buf pool;
+    int depth;
+} codir__json;
+
+static int codir__json_error(codir__json *js, size_t pos, const char *what)
+{
+    return codir__fail(CODIR_ERR_PARSE, "%s: malformed JSON at byte %zu: %s; the file is damaged or is not %s",
+                       js->source, js->base + pos, what, js->role);
+}
+
+static const char *codir__json_str(const codir__json *js, size_t at) { return js->pool.data + at; }
+
+static int codir__json_new_node(codir__json *js, int type)
+{
+    codir__json_node *n;
+    if (js->num_nodes == js->capacity) {
+        int grown = js->capacity ? js->capacity * 2 : 64;
+        codir__json_node *bigger;
+        if (js->capacity > INT_MAX / 2) return codir__fail(CODIR_ERR_OVERFLOW, "%s: too many JSON values", js->source);
+        bigger = (codir__json_node *)codir__realloc(js->nodes, (size_t)grown * sizeof *bigger);
+        if (!bigger) return CODIR_ERR_NOMEM;
+        js->nodes = bigger;
+        js->capacity = grown;
+    }
+    n = &js->nodes[js->num_nodes];
+    memset(n, 0, sizeof *n);
+    n->type = type;
+    n->first = n->next = -1;
+    n->offset = js->pos;
+    return js->num_nodes++;
+}
+
+static void codir__json_skip_space(codir__json *js)
+{
+    while (js->pos < js->length) {
+        char c = js->text[js->pos];
+        if (c != ' ' && c != '\t' && c != '\n' && c != '\r') break;
+        js->pos++;
+    }
+}
+
+static int codir__json_hex4(codir__json *js, size_t at, uint32_t *out)
+{
+    uint32_t v = 0;
+    int i;
+    if (js->length - at < 4) return codir__json_error(js, at, "\\u must be followed by 4 hex digits");
+    for (i = 0; i < 4; i++) {
+        char c = js->text[at + (size_t)i];
+        v <<= 4;
+        if (c >= '0' && c <= '9') v |= (uint32_t)(c - '0');
+        else if (c >= 'a' && c <= 'f') v |= (uint32_t)(c - 'a' + 10);
+        else if (c >= 'A' && c <= 'F') v |= (uint32_t)(c - 'A' + 10);
+        else return codir__json_error(js, at + (size_t)i, "\\u must be followed by 4 hex digits");
+    }
+    *out = v;
+    return CODIR_OK;
+}
+
+static void codir__json_put_utf8(codir__json *js, uint32_t cp)
+{
+    char out[4];
+    size_t n;
+    if (cp < 0x80) {
+        out[0] = (char)cp;
+        n = 1;
+    } else if (cp < 0x800) {
+        out[0] = (char)(0xC0 | (cp >> 6));
+        out[1] = (char)(0x80 | (cp & 0x3F));
+        n = 2;
+    } else if (cp < 0x10000) {
+        out[0] = (char)(0xE0 | (cp >> 12));
+        out[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
+        out[2] = (char)(0x80 | (cp & 0x3F));
+        n = 3;
+    } else {
+        out[0] = (char)(0xF0 | (cp >> 18));
+        out[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
+        out[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
+        out[3] = (char)(0x80 | (cp & 0x3F));
+        n = 4;
+    }
+    codir__io_put(&js->pool, out, n);
+}
+
+/* Decodes the string starting at the '"' at js->pos into the pool. */
+static int codir__json_string(codir__json *js, size_t *at, size_t *length)
+{
+    size_t start = js->pos;
+    *at = js->pool.length;
+    js->pos++;
+    for (;;) {
+        unsigned char c;
+        if (js->pos >= js->length) return codir__json_error(js, start, "the string that starts here is not closed");
+        c = (unsigned char)js->text[js->pos];
+        if (c == '"') {
+            js->pos++;
+            break;
+        }
+        if (c < 0x20) return codir__json_error(js, js->pos, "a control character in a string must be escaped");
+        if (c == '\\') {
+            uint32_t cp;
+            char e;
+            if (js->pos + 1 >= js->length)
+                return codir__json_error(js, start, "the string that starts here is not closed");
+            e = js->text[js->pos + 1];
+            switch (e) {
+            case '"': case '\\': case '/': cp = (uint32_t)e; break;
+            case 'b': cp = '\b'; break;
+            case 'f': cp = '\f'; break;
+            case 'n': cp = '\n'; break;
+            case 'r': cp = '\r'; break;
+            case 't': cp = '\t'; break;
+            case 'u':
+                if (codir__json_hex4(js, js->pos + 2, &cp)) return CODIR_ERR_PARSE;
+                if (cp >= 0xDC00 && cp <= 0xDFFF)
+                    return codir__json_error(js, js->pos, "a UTF-16 low surrogate without a high surrogate before it");
+                if (cp >= 0xD800 && cp <= 0xDBFF) {
+                    uint32_t low;
+                    size_t next = js->pos + 6;
+                    if (next + 1 >= js->length || js->text[next] != '\\' || js->text[next + 1] != 'u')
+                        return codir__json_error(js, js->pos, "a UTF-16 high surrogate without a low surrogate after it");
+                    if (codir__json_hex4(js, next + 2, &low)) return CODIR_ERR_PARSE;
+                    if (low < 0xDC00 || low > 0xDFFF)
+                        return codir__json_error(js, js->pos, "a UTF-16 high surrogate without a low surrogate after it");
+                    cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+                    js->pos += 6;
+                }
+                js->pos += 4;
+                break;
+            default:
+                return codir__json_error(js, js->pos, "invalid escape sequence");
+            }
+            js->pos += 2;
+            codir__json_put_utf8(js, cp);
+        } else if (c >= 0x80) {
+            size_t n = codir__io_utf8_length((const unsigned char *)js->text + js->pos, js->length - js->pos);
+            if (!n) return codir__json_error(js, js->pos, "invalid UTF-8 in a string");
+            codir__io_put(&js->pool, js->text + js->pos, n);
+            js->pos += n;
+        } else {
+            codir__io_put(&js->pool, (const char *)&c, 1);
+            js->pos++;
+        }
+    }
+    *length = js->pool.length - *at;
+    codir__io_put(&js->pool, "", 1); /* the terminating NUL, which the length leaves out */
+    return js->pool.failed ? CODIR_ERR_NOMEM : CODIR_OK;
+}
+
+static int codir__json_is_digit(const codir__json *js, size_t at)
+{
+    return at < js->length && js->text[at] >= '0' && js->text[at] <= '9';
+}
+
+static int codir__json_number(codir__json *js, int node)
+{
+    size_t start = js->pos, i;
+    int negative = 0, integer = 1, overflow = 0;
+    uint64_t v = 0;
+    char local[64], *copy = local;
+    struct lconv *lc;
+
+    /* -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)? */
+    if (js->text[js->pos] == '-') {
+        negative = 1;
+        js->pos++;
+    }
+    if (!codir__json_is_digit(js, js->pos)) return codir__json_error(js, js->pos, "expected a digit");
+    if (js->text[js->pos] == '0' && codir__json_is_digit(js, js->pos + 1))
+        return codir__json_error(js, js->pos, "a number may not start with 0");
+    while (codir__json_is_digit(js, js->pos)) {
+        unsigned d = (unsigned)(js->text[js->pos] - '0');
+        if (v > (UINT64_MAX - d) / 10) overflow = 1;
+        else v = v * 10 + d;
+        js->pos++;
+    }
+    if (js->pos < js->length && js->text[js->pos] == '.') {
+        integer = 0;
+        js->pos++;
+        if (!codir__json_is_digit(js, js->pos)) return codir__json_error(js, js->pos, "expected a digit after '.'");
+        while (codir__json_is_digit(js, js->pos)) js->pos++;
+    }
+    if (js->pos < js->length && (js->text[js->pos] == 'e' || js->text[js->pos] == 'E')) {
+        integer = 0;
+        js->pos++;
+        if (js->pos < js->length && (js->text[js->pos] == '+' || js->text[js->pos] == '-')) js->pos++;
+        if (!codir__json_is_digit(js, js->pos)) return codir__json_error(js, js->pos, "expected a digit in the exponent");
+        while (codir__json_is_digit(js, js->pos)) js->pos++;
+    }
+    js->nodes[node].is_integer = integer;
+    js->nodes[node].is_uint = integer && !negative && !overflow;
+    js->nodes[node].uint_value = v;
+
+    /* strtod reads the decimal point of the C locale, so swap it in. */
+    if (js->pos - start >= sizeof local) {
+        copy = codir__strndup(js->text + start, js->pos - start);
+        if (!copy) return CODIR_ERR_NOMEM;
+    } else {
+        memcpy(local, js->text + start, js->pos - start);
+        local[js->pos - start] = '\0';
+    }
+    lc = localeconv();
+    if (lc && lc->decimal_point && strlen(lc->decimal_point) == 1)
+        for (i = 0; copy[i]; i++)
+            if (copy[i] == '.') copy[i] = lc->decimal_point[0];
+    js->nodes[node].number = strtod(copy, NULL);
+    if (copy != local) codir__free(copy);
+    return CODIR_OK;
+}
+
+typedef struct codir__json_key {
+    const char *text;
+    size_t length, offset;
+} codir__json_key;
+
+static int codir__json_key_order(const void *pa, const void *pb)
+{
+    const codir__json_key *a = (const codir__json_key *)pa, *b = (const codir__json_key *)pb;
+    int c = memcmp(a->text, b->text, a->length < b->length ? a->length : b->length);
+    if (c) return c;
+    if (a->length != b->length) return a->length < b->length ? -1 : 1;
+    return a->offset < b->offset ? -1 : 1;
+}
+
+/* Reports the second of two members of `object` with the same key, if any. Sorting
+   the keys keeps this O(n log n) for headers with many thousands of tensors. */
+static int codir__json_check_keys(codir__json *js, int object)
+{
+    int count = js->nodes[object].count, m, i = 0, rc = CODIR_OK;
+    codir__json_key *keys;
+    if (count < 2) return CODIR_OK;
+    keys = (codir__json_key *)codir__calloc((size_t)count, sizeof *keys);
+    if (!keys) return CODIR_ERR_NOMEM;
+    for (m = js->nodes[object].first; m >= 0; m = js->nodes[m].next, i++) {
+        keys[i].text = codir__json_str(js, js->nodes[m].key);
+        keys[i].length = js->nodes[m].key_length;
+        keys[i].offset = js->nodes[m].key_offset;
+    }
+    qsort(keys, (size_t)count, sizeof *keys, codir__json_key_order);
+    for (i = 1; i < count && !rc; i++)
+        if (keys[i].length == keys[i - 1].length && memcmp(keys[i].text, keys[i - 1].text, keys[i].length) == 0)
+            rc = codir__json_error(js, keys[i].offset, "this key repeats an earlier key of the same object");
+    codir__free(keys);
+    return rc;
+}
+
+static int codir__json_value(codir__json *js, int *out);
+
+static int codir__json_container(codir__json *js, int node, int is_object)
+{
+    char close = is_object ? '}' : ']';
+    size_t open = js->pos;
+    int last = -1, rc;
+    if (++js->depth > CODIR__JSON_MAX_DEPTH) return codir__json_error(js, open, "nesting deeper than 64 levels");
+    js->pos++;
+    codir__json_skip_space(js);
+    if (js->pos < js->length && js->text[js->pos] == close) {
+        js->pos++;
+        js->depth--;
+        return CODIR_OK;
+    }
+    for (;;) {
+        int child;
+        size_t key = 0, key_length = 0, key_offset = 0;
+        codir__json_skip_space(js);
+        if (is_object) {
+            if (js->pos >= js->length)
+                return codir__json_error(js, open, "the object that starts here is not closed");
+            if (js->text[js->pos] != '"') return codir__json_error(js, js->pos, "expected a string key");
+            key_offset = js->pos;
+            rc = codir__json_string(js, &key, &key_length);
+            if (rc) return rc;
+            codir__json_skip_space(js);
+            if (js->pos >= js->length)
+                return codir__json_error(js, open, "the object that starts here is not closed");
+            if (js->text[js->pos] != ':') return codir__json_error(js, js->pos, "expected ':' after the key");
+            js->pos++;
+        }
+        rc = codir__json_value(js, &child);
+        if (rc) return rc;
+        js->nodes[child].key = key;
+        js->nodes[child].key_length = key_length;
+        js->nodes[child].key_offset = key_offset;
+        if (last < 0) js->nodes[node].first = child;
+        else js->nodes[last].next = child;
+        last = child;
+        js->nodes[node].count++;
+        codir__json_skip_space(js);
+        if (js->pos >= js->length)
+            return codir__json_error(js, open, is_object ? "the object that starts here is not closed"
+                                                         : "the array that starts here is not closed");
+        if (js->text[js->pos] == ',') {
+            js->pos++;
+            continue;
+        }
+        if (js->text[js->pos] == close) {
+            js->pos++;
+            break;
+        }
+        return codir__json_error(js, js->pos, is_object ? "expected ',' or '}'" : "expected ',' or ']'");
+    }
+    js->depth--;
+    return is_object ? codir__json_check_keys(js, node) : CODIR_OK;
+}
+
+static int codir__json_value(codir__json *js, int *out)
+{
+    int node, rc;
+    char c;
+    codir__json_skip_space(js);
+    if (js->pos >= js->length) return codir__json_error(js, js->pos, "unexpected end of the text: expected a value");
+    c = js->text[js->pos];
+    if (c == '{' || c == '[') {
+        node = codir__json_new_node(js, c == '{' ? CODIR__JSON_OBJECT : CODIR__JSON_ARRAY);
+        if (node < 0) return node;
+        rc = codir__json_container(js, node, c == '{');
+    } else if (c == '"') {
+        size_t at, length;
+        node = codir__json_new_node(js, CODIR__JSON_STRING);
+        if (node < 0) return node;
+        rc = codir__json_string(js, &at, &length);
+        js->nodes[node].str = at;
+        js->nodes[node].str_length = length;
+    } else if (c == '-' || (c >= '0' && c <= '9')) {
+        node = codir__json_new_node(js, CODIR__JSON_NUMBER);
+        if (node < 0) return node;
+        rc = codir__json_number(js, node);
+    } else {
+        static const char *const words[3] = {"null", "false", "true"};
+        static const int types[3] = {CODIR__JSON_NULL, CODIR__JSON_FALSE, CODIR__JSON_TRUE};
+        int w;
+        for (w = 0; w < 3; w++) {
+            size_t n = strlen(words[w]);
+            if (js->length - js->pos >= n && memcmp(js->text + js->pos, words[w], n) == 0) break;
+        }
+        if (w == 3) return codir__json_error(js, js->pos, "expected a value");
+        node = codir__json_new_node(js, types[w]);
+        if (node < 0) return node;
+        js->pos += strlen(words[w]);
+        rc = CODIR_OK;
+    }
+    *out = node;
+    return rc;
+}
+
+/* Parses text[length] as one JSON value, its root at node 0. */
+static int codir__json_parse(codir__json *js, const char *text, size_t length, size_t base, const char *source,
+                             const char *role)
+{
+    int root, rc;
+    memset(js, 0, sizeof *js);
+    js->text = text;
+    js->length = length;
+    js->base = base;
+    js->source = source;
+    js->role = role;
+    rc = codir__json_value(js, &root);
+    if (rc) return rc;
+    codir__json_skip_space(js);
+    if (js->pos != js->length) return codir__json_error(js, js->pos, "unexpected data after the JSON value");
+    return CODIR_OK;
+}
+
+static void codir__json_free(codir__json *js)
+{
+    codir__free(js->nodes);
+    codir__free(js->pool.data);
+    memset(js, 0, sizeof *js);
+}
+
+/* Returns the member of `object` named `key`, or -1. */
+static int codir__json_member(const codir__json *js, int object, const char *key)
+{
+    size_t n = strlen(key);
+    int m;
+    for (m = js->nodes[object].first; m >= 0; m = js->nodes[m].next)
+        if (js->nodes[m].key_length == n && memcmp(codir__json_str(js, js->nodes[m].key), key, n) == 0) return m;
+    return -1;
+}
+
+/* ---- safetensors: reading ---- */
+
+static const char *const codir__st_dtype_names[CODIR_ST_DTYPE_COUNT] = {
+    "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"};
+static const unsigned char codir__st_dtype_sizes[CODIR_ST_DTYPE_COUNT] = {1, 1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 8, 8, 8};
+
+/* The official reader's limit on the header length (MAX_HEADER_SIZE). */
+#define CODIR__ST_MAX_HEADER 100000000u
+
+CODIR_DEF const char *codir_st_dtype_name(int dtype)
+{
+    return dtype >= 0 && dtype < CODIR_ST_DTYPE_COUNT ? codir__st_dtype_names[dtype] : "?";
+}
+
+/* Formats a shape as "[2, 3]" into text[size]. */
+static const char *codir__st_shape_text(char *text, size_t size, int ndim, const int64_t *shape)
+{
+    size_t used = 0;
+    int d;
+    text[0] = '\0';
+    used += (size_t)snprintf(text, size, "[");
+    for (d = 0; d < ndim && used < size; d++)
+        used += (size_t)snprintf(text + used, size - used, d ? ", %lld" : "%lld", (long long)shape[d]);
+    if (used < size) snprintf(text + used, size - used, "]");
+    return text;
+}
+
+static float codir__st_bits_to_float(uint32_t bits)
+{
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* IEEE half to single precision, exactly. */
+static float codir__st_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exponent = (h >> 10) & 0x1Fu;
+    uint32_t mantissa = h & 0x3FFu;
+    uint32_t bits;
+    if (exponent == 0x1F) {
+        bits = sign | 0x7F800000u | (mantissa << 13); /* infinity, or NaN with its payload */
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        bits = sign; /* signed zero */
+    } else {
+        /* A subnormal half, mantissa * 2^-24, is a normal float: shift the mantissa
+           until its leading 1 reaches the implicit bit, lowering the exponent. */
+        uint32_t e = 127 - 15 + 1;
+        while (!(mantissa & 0x400u)) {
+            mantissa <<= 1;
+            e--;
+        }
+        bits = sign | (e << 23) | ((mantissa & 0x3FFu) << 13);
+    }
+    return codir__st_bits_to_float(bits);
+}
+
+/* Reads a non-negative integer array of at most max entries from node. */
+static int codir__st_uint_array(codir_safetensors *st, const codir__json *js, int node, const char *tensor,
+                                const char *field, int min_count, int max_count, uint64_t *values, int *count)
+{
+    const codir__json_node *n = &js->nodes[node];
+    int item, i = 0;
+    if (n->type != CODIR__JSON_ARRAY || n->count < min_count || n->count > max_count) {
+        if (min_count == max_count)
+            return codir__fail(CODIR_ERR_PARSE, "%s: tensor \"%s\": %s at byte %zu must be an array of %d integers",
+                               st->path, tensor, field, js->base + n->offset, min_count);
+        return codir__fail(CODIR_ERR_PARSE,
+                           "%s: tensor \"%s\": %s at byte %zu must be an array of at most %d integers", st->path,
+                           tensor, field, js->base + n->offset, max_count);
+    }
+    for (item = n->first; item >= 0; item = js->nodes[item].next) {
+        const codir__json_node *v = &js->nodes[item];
+        if (v->type != CODIR__JSON_NUMBER || !v->is_uint || v->uint_value > (uint64_t)INT64_MAX)
+            return codir__fail(CODIR_ERR_PARSE,
+                               "%s: tensor \"%s\": %s entry at byte %zu must be a non-negative integer below 2^63",
+                               st->path, tensor, field, js->base + v->offset);
+        values[i++] = v->uint_value;
+    }
+    *count = i;
+    return CODIR_OK;
+}
+
+/* Fills t from the header entry `member`: an object of dtype, shape and data_offsets. */
+static int codir__st_entry(codir_safetensors *st, const codir__json *js, int member, codir_st_tensor *t)
+{
+    const codir__json_node *n = &js->nodes[member];
+    int field, d, have_dtype = 0, have_shape = 0, have_offsets = 0, count;
+    uint64_t values[CODIR_ST_MAX_DIMS], offsets[2], nbytes;
+    size_t numel = 1, bytes;
+    char shape_text[200];
+
+    if (strlen(codir__json_str(js, n->key)) != n->key_length)
+        return codir__fail(CODIR_ERR_PARSE, "%s: the tensor name at byte %zu contains a NUL character", st->path,
+                           js->base + n->key_offset);
+    t->name = codir__strndup(codir__json_str(js, n->key), n->key_length);
+    if (!t->name) return CODIR_ERR_NOMEM;
+    if (n->type != CODIR__JSON_OBJECT)
+        return codir__fail(CODIR_ERR_PARSE,
+                           "%s: tensor \"%s\" at byte %zu must be an object with dtype, shape and data_offsets",
+                           st->path, t->name, js->base + n->offset);
+
+    for (field = n->first; field >= 0; field = js->nodes[field].next) {
+        const codir__json_node *f = &js->nodes[field];
+        const char *key = codir__json_str(js, f->key);
+        int rc;
+        if (strcmp(key, "dtype") == 0) {
+            const char *name;
+            if (f->type != CODIR__JSON_STRING)
+                return codir__fail(CODIR_ERR_PARSE, "%s: tensor \"%s\": dtype at byte %zu must be a string",
+                                   st->path, t->name, js->base + f->offset);
+            name = codir__json_str(js, f->str);
+            for (t->dtype = 0; t->dtype < CODIR_ST_DTYPE_COUNT; t->dtype++)
+                if (strcmp(name, codir__st_dtype_names[t->dtype]) == 0) break;
+            if (t->dtype == CODIR_ST_DTYPE_COUNT)
+                return codir__fail(CODIR_ERR_PARSE,
+                                   "%s: tensor \"%s\": unknown dtype \"%s\" at byte %zu; known dtypes are BOOL, U8, "
+                                   "I8, F8_E5M2, F8_E4M3, I16, U16, F16, BF16, I32, U32, F32, F64, I64 and U64",
+                                   st->path, t->name, name, js->base + f->offset);
+            have_dtype = 1;
+        } else if (strcmp(key, "shape") == 0) {
+            rc = codir__st_uint_array(st, js, field, t->name, "shape", 0, CODIR_ST_MAX_DIMS, values, &count);
+            if (rc) return rc;
+            t->ndim = count;
+            for (d = 0; d < CODIR_ST_MAX_DIMS; d++) t->shape[d] = d < count ? (int64_t)values[d] : 1;
+            have_shape = 1;
+        } else if (strcmp(key, "data_offsets") == 0) {
+            rc = codir__st_uint_array(st, js, field, t->name, "data_offsets", 2, 2, offsets, &count);
+            if (rc) return rc;
+            have_offsets = 1;
+        } else {
+            return codir__fail(CODIR_ERR_PARSE,
+                               "%s: tensor \"%s\": unexpected key \"%s\" at byte %zu; a tensor entry holds only "
+                               "dtype, shape and data_offsets",
+                               st->path, t->name, key, js->base + f->key_offset);
+        }
+    }
+    if (!have_dtype || !have_shape || !have_offsets)
+        return codir__fail(CODIR_ERR_PARSE, "%s: tensor \"%s\" at byte %zu has no %s", st->path, t->name,
+                           js->base + n->offset, !have_dtype ? "dtype" : !have_shape ? "shape" : "data_offsets");
+
+    /* The byte size implied by dtype and shape must equal END - BEGIN. */
+    codir__st_shape_text(shape_text, sizeof shape_text, t->ndim, t->shape);
+    for (d = 0; d < t->ndim; d++) {
+        if ((uint64_t)t->shape[d] > (uint64_t)SIZE_MAX || !codir__size_mul(numel, (size_t)t->shape[d], &numel))
+            return codir__fail(CODIR_ERR_OVERFLOW, "%s: tensor \"%s\": the element count of shape %s overflows size_t",
+                               st->path, t->name, shape_text);
+    }
+    if (!codir__size_mul(numel, codir__st_dtype_sizes[t->dtype], &bytes))
+        return codir__fail(CODIR_ERR_OVERFLOW, "%s: tensor \"%s\": the byte size of shape %s overflows size_t",
+                           st->path, t->name, shape_text);
+    if (offsets[1] < offsets[0])
+        return codir__fail(CODIR_ERR_PARSE, "%s: tensor \"%s\": data_offsets [%llu, %llu] end before they begin",
+                           st->path, t->name, (unsigned long long)offsets[0], (unsigned long long)offsets[1]);
+    nbytes = offsets[1] - offsets[0];
+    if (nbytes != (uint64_t)bytes)
+        return codir__fail(CODIR_ERR_PARSE,
+                           "%s: tensor \"%s\": data_offsets [%llu, %llu] hold %llu bytes, but dtype %s with shape %s "
+                           "needs %zu",
+                           st->path, t->name, (unsigned long long)offsets[0], (unsigned long long)offsets[1],
+                           (unsigned long long)nbytes, codir__st_dtype_names[t->dtype], shape_text, bytes);
+    t->numel = numel;
+    t->offset = offsets[0];
+    t->nbytes = nbytes;
+    return CODIR_OK;
+}
+
+/* Reads the __metadata__ object: string keys to string values. */
+static int codir__st_metadata(codir_safetensors *st, const codir__json *js, int member)
+{
+    const codir__json_node *n = &js->nodes[member];
+    int item, i = 0;
+    if (n->type != CODIR__JSON_OBJECT)
+        return codir__fail(CODIR_ERR_PARSE, "%s: __metadata__ at byte %zu must be an object of strings", st->path,
+                           js->base + n->offset);
+    st->metadata = (char **)codir__calloc((size_t)n->count * 2 + 1, sizeof(char *));
+    if (!st->metadata) return CODIR_ERR_NOMEM;
+    for (item = n->first; item >= 0; item = js->nodes[item].next) {
+        const codir__json_node *v = &js->nodes[item];
+        if (v->type != CODIR__JSON_STRING)
+            return codir__fail(CODIR_ERR_PARSE, "%s: __metadata__ value at byte %zu must be a string", st->path,
+                               js->base + v->offset);
+        if (strlen(codir__json_str(js, v->key)) != v->key_length || strlen(codir__json_str(js, v->str)) != v->str_length)
+            return codir__fail(CODIR_ERR_PARSE, "%s: __metadata__ entry at byte %zu contains a NUL character",
+                               st->path, js->base + v->key_offset);
+        st->metadata[2 * i] = codir__strndup(codir__json_str(js, v->key), v->key_length);
+        st->metadata[2 * i + 1] = codir__strndup(codir__json_str(js, v->str), v->str_length);
+        st->num_metadata = ++i;
+        if (!st->metadata[2 * i - 2] || !st->metadata[2 * i - 1]) return CODIR_ERR_NOMEM;
+    }
+    return CODIR_OK;
+}
+
+typedef struct codir__st_span {
+    uint64_t begin, end;
+    int index;
+} codir__st_span;
+
+static int codir__st_span_order(const void *pa, const void *pb)
+{
+    const codir__st_span *a = (const codir__st_span *)pa, *b = (const codir__st_span *)pb;
+    if (a->begin != b->begin) return a->begin < b->begin ? -1 : 1;
+    if (a->end != b->end) return a->end < b->end ? -1 : 1;
+    return a->index - b->index;
+}
+
+/* Checks that the tensors, sorted by offsets, cover the data region exactly. */
+static int codir__st_check_coverage(codir_safetensors *st)
+{
+    uint64_t data_bytes = st->file_bytes - st->data_start, covered = 0;
+    codir__st_span *spans;
+    int i, rc = CODIR_OK;
+    for (i = 0; i < st->num_tensors; i++) {
+        const codir_st_tensor *t = &st->tensors[i];
+        if (t->offset + t->nbytes > data_bytes)
+            return codir__fail(CODIR_ERR_PARSE,
+                               "%s: tensor \"%s\": data_offsets [%llu, %llu] run past the end of the data region, "
+                               "which holds %llu bytes from byte %llu; the file is truncated or the offsets are wrong",
+                               st->path, t->name, (unsigned long long)t->offset,
+                               (unsigned long long)(t->offset + t->nbytes), (unsigned long long)data_bytes,
+                               (unsigned long long)st->data_start);
+    }
+    spans = (codir__st_span *)codir__calloc((size_t)st->num_tensors + 1, sizeof *spans);
+    if (!spans) return CODIR_ERR_NOMEM;
+    for (i = 0; i < st->num_tensors; i++) {
+        spans[i].begin = st->tensors[i].offset;
+        spans[i].end = st->tensors[i].offset + st->tensors[i].nbytes;
+        spans[i].index = i;
+    }
+    qsort(spans, (size_t)st->num_tensors, sizeof *spans, codir__st_span_order);
+    for (i = 0; i < st->num_tensors && !rc; i++) {
+        if (spans[i].begin < covered) {
+            const codir__st_span *p = &spans[i - 1];
+            rc = codir__fail(CODIR_ERR_PARSE,
+                             "%s: tensors \"%s\" [%llu, %llu] and \"%s\" [%llu, %llu] overlap; each byte of the data "
+                             "region must belong to one tensor",
+                             st->path, st->tensors[p->index].name, (unsigned long long)p->begin,
+                             (unsigned long long)p->end, st->tensors[spans[i].index].name,
+                             (unsigned long long)spans[i].begin, (unsigned long long)spans[i].end);
+        } else if (spans[i].begin > covered) {
+            rc = codir__fail(CODIR_ERR_PARSE,
+                             "%s: bytes [%llu, %llu) of the data region belong to no tensor; the format requires the "
+                             "tensors to cover the data region without gaps",
+                             st->path, (unsigned long long)covered, (unsigned long long)spans[i].begin);
+        }
+        covered = spans[i].end;
+    }
+    if (!rc && covered != data_bytes)
+        rc = codir__fail(CODIR_ERR_PARSE,
+                         "%s: the data region holds %llu bytes but the tensors end at byte %llu of it; the format "
+                         "requires the last tensor to end at the end of the file",
+                         st->path, (unsigned long long)data_bytes, (unsigned long long)covered);
+    codir__free(spans);
+    return rc;
+}
+
+/* Parses and validates the header text[length] of st. */
+static int codir__st_parse_header(codir_safetensors *st, const char *text, size_t length)
+{
+    codir__json js;
+    int rc, member, i = 0;
+    if (length == 0 || text[0] != '{')
+        return codir__fail(CODIR_ERR_PARSE, "%s: malformed header at byte 8: it must start with '{'; the file is "
+                           "damaged or is not a safetensors file", st->path);
+    rc = codir__json_parse(&js, text, length, 8, st->path, "a safetensors file");
+    if (!rc) {
+        st->tensors = (codir_st_tensor *)codir__calloc((size_t)js.nodes[0].count + 1, sizeof *st->tensors);
+        if (!st->tensors) rc = CODIR_ERR_NOMEM;
+    }
+    for (member = rc ? -1 : js.nodes[0].first; member >= 0 && !rc; member = js.nodes[member].next) {
+        if (strcmp(codir__json_str(&js, js.nodes[member].key), "__metadata__") == 0 &&
+            js.nodes[member].key_length == 12) {
+            rc = codir__st_metadata(st, &js, member);
+        } else {
+            rc = codir__st_entry(st, &js, member, &st->tensors[i]);
+            st->num_tensors = ++i;
+        }
+    }
+    codir__json_free(&js);
+    return rc ? rc : codir__st_check_coverage(st);
+}
+
+CODIR_DEF codir_safetensors *codir_safetensors_open(const char *path)
+{
+    codir_safetensors *st;
+    FILE *file;
+    unsigned char length_bytes[8];
+    uint64_t header_length = 0;
+    long end;
+    size_t got;
+    char *header = NULL;
+    int i, rc;
+
+    if (!path) {
+        codir__fail(CODIR_ERR_INVALID, "codir_safetensors_open: path is NULL");
+        return NULL;
+    }
+    st = (codir_safetensors *)codir__calloc(1, sizeof *st);
+    if (!st) return NULL;
+    st->path = codir__strndup(path, strlen(path));
+    if (!st->path) goto fail;
+    file = fopen(path, "rb");
+    if (!file) {
+        codir__fail(CODIR_ERR_IO, "failed to open '%s': %s; check the path", path, strerror(errno));
+        goto fail;
+    }
+    st->file = file;
+
+    /* NOTE: ftell returns a long, so where long has 32 bits (Windows) files of 2 GiB
+       and more are rejected here. */
+    if (fseek(file, 0, SEEK_END) != 0 || (end = ftell(file)) < 0 || fseek(file, 0, SEEK_SET) != 0) {
+        codir__fail(CODIR_ERR_IO, "%s: failed to find the file size: %s", path, strerror(errno));
+        goto fail;
+    }
+    st->file_bytes = (uint64_t)end;
+
+    /* The 8-byte little-endian header length N. */
+    got = fread(length_bytes, 1, 8, file);
+    if (got < 8) {
+        codir__fail(CODIR_ERR_PARSE, "%s: the file has %zu bytes, fewer than the 8-byte header length; it is "
+                    "truncated or is not a safetensors file", path, got);
+        goto fail;
+    }
+    for (i = 7; i >= 0; i--) header_length = header_length << 8 | length_bytes[i];
+    if (header_length > CODIR__ST_MAX_HEADER) {
+        codir__fail(CODIR_ERR_PARSE, "%s: the header length %llu in bytes 0-7 exceeds the format's limit of %u "
+                    "bytes; the file is damaged or is not a safetensors file",
+                    path, (unsigned long long)header_length, CODIR__ST_MAX_HEADER);
+        goto fail;
+    }
+    if (header_length > st->file_bytes - 8) {
+        codir__fail(CODIR_ERR_PARSE, "%s: the header length %llu in bytes 0-7 is larger than the %llu bytes that "
+                    "follow; the file is truncated or is not a safetensors file",
+                    path, (unsigned long long)header_length, (unsigned long long)(st->file_bytes - 8));
+        goto fail;
+    }
+    st->data_start = 8 + header_length;
+
+    header = (char *)codir__malloc((size_t)header_length);
+    if (!header) goto fail;
+    if (fread(header, 1, (size_t)header_length, file) != (size_t)header_length) {
+        codir__fail(CODIR_ERR_IO, "%s: failed to read the %llu-byte header", path, (unsigned long long)header_length);
+        goto fail;
+    }
+    rc = codir__st_parse_header(st, header, (size_t)header_length);
+    if (rc) goto fail;
+    codir__free(header);
+    return st;
+
+fail:
+    codir__free(header);
+    codir_safetensors_close(st);
+    return NULL;
+}
+
+CODIR_DEF void codir_safetensors_close(codir_safetensors *st)
+{
+    int i;
+    if (!st) return;
+    if (st->file) fclose((FILE *)st->file);
+    if (st->tensors)
+        for (i = 0; i < st->num_tensors; i++) codir__free(st->tensors[i].name);
+    if (st->metadata)
+        for (i = 0; i < 2 * st->num_metadata; i++) codir__free(st->metadata[i]);
+    codir__free(st->tensors);
+    codir__free(st->metadata);
+    codir__free(st->path);
+    codir__free(st);
+}
+
+CODIR_DEF const codir_st_tensor *codir_safetensors_find(const codir_safetensors *st, const char *name)
+{
+    int i;
+    for (i = 0; i < st->num_tensors; i++)
+        if (strcmp(st->tensors[i].name, name) == 0) return &st->tensors[i];
+    return NULL;
+}
+
+CODIR_DEF const char *codir_safetensors_metadata(const codir_safetensors *st, const char *key)
+{
+    int i;
+    for (i = 0; i < st->num_metadata; i++)
+        if (strcmp(st->metadata[2 * i], key) == 0) return st->metadata[2 * i + 1];
+    return NULL;
+}
+
+CODIR_DEF int codir_safetensors_read_f32(const codir_safetensors *st, const char *name, float *dst, size_t count)
+{
+    enum { CHUNK = 4096 };
+    unsigned char bytes[CHUNK * 4];
+    const codir_st_tensor *t;
+    FILE *file = (FILE *)st->file;
+    uint64_t position;
+    size_t done = 0, width;
+    char shape_text[200];
+
+    t = codir_safetensors_find(st, name);
+    if (!t) return codir__fail(CODIR_ERR_INVALID, "%s: no tensor is named \"%s\"", st->path, name);
+    codir__st_shape_text(shape_text, sizeof shape_text, t->ndim, t->shape);
+    if (count != t->numel)
+        return codir__fail(CODIR_ERR_INVALID, "%s: tensor \"%s\" has %zu elements (shape %s), not the %zu requested",
+                           st->path, name, t->numel, shape_text, count);
+    if (t->dtype != CODIR_ST_F32 && t->dtype != CODIR_ST_F16 && t->dtype != CODIR_ST_BF16)
+        return codir__fail(CODIR_ERR_INVALID, "%s: tensor \"%s\" has dtype %s; only F32, F16 and BF16 convert to float32",
+                           st->path, name, codir__st_dtype_names[t->dtype]);
+    width = codir__st_dtype_sizes[t->dtype];
+    position = st->data_start + t->offset;
+    if (position > (uint64_t)LONG_MAX)
+        return codir__fail(CODIR_ERR_IO, "%s: tensor \"%s\" starts at byte %llu, beyond what fseek can address here",
+                           st->path, name, (unsigned long long)position);
+    if (fseek(file, (long)position, SEEK_SET) != 0)
+        return codir__fail(CODIR_ERR_IO, "%s: failed to seek to byte %llu: %s", st->path,
+                           (unsigned long long)position, strerror(errno));
+
+    /* Convert in chunks from little-endian bytes, whatever the host's byte order. */
+    while (done < count) {
+        size_t n = count - done < (size_t)CHUNK ? count - done : (size_t)CHUNK, i;
+        if (fread(bytes, width, n, file) != n)
+            return codir__fail(CODIR_ERR_IO, "%s: failed to read tensor \"%s\" at byte %llu; the file was truncated "
+                               "or changed after it was opened",
+                               st->path, name, (unsigned long long)(position + done * width));
+        for (i = 0; i < n; i++) {
+            const unsigned char *p = bytes + i * width;
+            if (t->dtype == CODIR_ST_F32)
+                dst[done + i] = codir__st_bits_to_float((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+                                                        (uint32_t)p[3] << 24);
+            else if (t->dtype == CODIR_ST_F16)
+                dst[done + i] = codir__st_f16_to_f32((uint16_t)(p[0] | p[1] << 8));
+            else /* BF16 is the top half of a float32 */
+                dst[done + i] = codir__st_bits_to_float((uint32_t)p[0] << 16 | (uint32_t)p[1] << 24);
+        }
+        done += n;
+    }
+    return CODIR_OK;
+}
+
+/* ---- safetensors: writing ---- */
+
+static int codir__st_write_order(const void *pa, const void *pb)
+{
+    const codir_st_write *a = *(const codir_st_write *const *)pa, *b = *(const codir_st_write *const *)pb;
+    return strcmp(a->name, b->name);
+}
+
+static int codir__st_key_order(const void *pa, const void *pb)
+{
+    return strcmp(**(const char *const *const *)pa, **(const char *const *const *)pb);
+}
+
+/* Checks one tensor to write and stores its byte size in *bytes. */
+static int codir__st_check_write(const char *path, const codir_st_write *t, int index, size_t *bytes)
+{
+    size_t numel = 1;
+    int d;
+    if (!t->name)
+        return codir__fail(CODIR_ERR_INVALID, "codir_safetensors_write '%s': tensor %d has no name", path, index);
+    if (!codir__io_utf8_valid(t->name) || strcmp(t->name, "__metadata__") == 0)
+        return codir__fail(CODIR_ERR_INVALID, "codir_safetensors_write '%s': tensor name \"%s\" is %s", path, t->name,
+                           strcmp(t->name, "__metadata__") == 0 ? "reserved for the metadata" : "not valid UTF-8");
+    if (t->ndim < 0 || t->ndim > CODIR_ST_MAX_DIMS)
+        return codir__fail(CODIR_ERR_INVALID, "codir_safetensors_write '%s': tensor \"%s\" has %d dimensions, outside "
+                           "0..%d", path, t->name, t->ndim, CODIR_ST_MAX_DIMS);
+    for (d = 0; d < t->ndim; d++) {
+        if (t->shape[d] < 0)
+            return codir__fail(CODIR_ERR_INVALID, "codir_safetensors_write '%s': tensor \"%s\" has negative dimension "
+                               "%d (%lld)", path, t->name, d, (long long)t->shape[d]);
+        if ((uint64_t)t->shape[d] > (uint64_t)SIZE_MAX || !codir__size_mul(numel, (size_t)t->shape[d], &numel))
+            return codir__fail(CODIR_ERR_OVERFLOW, "codir_safetensors_write '%s': the size of tensor \"%s\" overflows "
+                               "size_t", path, t->name);
+    }
+    if (!codir__size_mul(numel, 4, bytes))
+        return codir__fail(CODIR_ERR_OVERFLOW, "codir_safetensors_write '%s': the size of tensor \"%s\" overflows "
+                           "size_t", path, t->name);
+    if (numel > 0 && !t->data)
+        return codir__fail(CODIR_ERR_INVALID, "codir_safetensors_write '%s': tensor \"%s\" has no data", path, t->name);
+    return CODIR_OK;
+}
+
+/* Builds the header: the JSON padded with spaces to a multiple of 8 bytes. */
+static int codir__st_header(codir__io_buf *h, const char *path, const codir_st_write *const *order, int count,
+                            const char *const *const *keys, int num_metadata)
+{
+    uint64_t offset = 0;
+    int i, d;
+    codir__io_puts(h, "{");
+    if (num_metadata > 0) {
+        codir__io_puts(h, "\"__metadata__\":{");
+        for (i = 0; i < num_metadata; i++) {
+            if (i) codir__io_puts(h, ",");
+            codir__io_put_json_string(h, keys[i][0]);
+            codir__io_puts(h, ":");
+            codir__io_put_json_string(h, keys[i][1]);
+        }
+        codir__io_puts(h, "}");
+        if (count > 0) codir__io_puts(h, ",");
+    }
+    for (i = 0; i < count; i++) {
+        const codir_st_write *t = order[i];
+        size_t bytes = 0;
+        int rc = codir__st_check_write(path, t, i, &bytes);
+        if (rc) return rc;
+        if (i) codir__io_puts(h, ",");
+        codir__io_put_json_string(h, t->name);
+        codir__io_puts(h, ":{\"dtype\":\"F32\",\"shape\":[");
+        for (d = 0; d < t->ndim; d++) {
+            if (d) codir__io_puts(h, ",");
+            codir__io_put_u64(h, (uint64_t)t->shape[d]);
+        }
+        codir__io_puts(h, "],\"data_offsets\":[");
+        codir__io_put_u64(h, offset);
+        codir__io_puts(h, ",");
+        if (offset > UINT64_MAX - bytes)
+            return codir__fail(CODIR_ERR_OVERFLOW, "codir_safetensors_write '%s': the data size overflows", path);
+        offset += bytes;
+        codir__io_put_u64(h, offset);
+        codir__io_puts(h, "]}");
+    }
+    codir__io_puts(h, "}");
+    while (!h->failed && h->length % 8 != 0) codir__io_puts(h, " ");
+    if (h->failed) return codir_last_error()[0] ? CODIR_ERR_OVERFLOW : CODIR_ERR_NOMEM;
+    return CODIR_OK;
+}
+
+/* Writes n floats as little-endian bytes. */
+static int codir__st_write_floats(FILE *file, const float *data, size_t n)
+{
+    enum { CHUNK = 4096 };
+    unsigned char bytes[CHUNK * 4];
+    while (n > 0) {
+        size_t m = n < (size_t)CHUNK ? n : (size_t)CHUNK, i;
+        for (i = 0; i < m; i++) {
+            uint32_t bits;
+            memcpy(&bits, &data[i], sizeof bits);
+            bytes[4 * i] = (unsigned char)(bits & 0xFF);
+            bytes[4 * i + 1] = (unsigned char)(bits >> 8 & 0xFF);
+            bytes[4 * i + 2] = (unsigned char)(bits >> 16 & 0xFF);
+            bytes[4 * i + 3] = (unsigned char)(bits >> 24);
+        }
+        if (fwrite(bytes, 4, m, file) != m) return 0;
+        data += m;
+        n -= m;
+    }
+    return 1;
+}
+
+CODIR_DEF int codir_safetensors_write(const char *path, const codir_st_write *tensors, int count,
+                                      const char *const *metadata, int num_metadata)
+{
+    const codir_st_write **order = NULL;
+    const char *const **keys = NULL;
+    codir__io_buf header = {NULL, 0, 0, 0};
+    unsigned char length_bytes[8];
+    char *tmp_path = NULL;
+    FILE *file;
+    int i, rc = CODIR_OK, failed = 0;
+
+    if (!path || count < 0 || num_metadata < 0 || (count > 0 && !tensors) || (num_metadata > 0 && !metadata))
+        return codir__fail(CODIR_ERR_INVALID, "codir_safetensors_write: path, tensors or metadata is NULL or a count "
+                           "is negative");
+    order = (const codir_st_write **)codir__calloc((size_t)count + 1, sizeof *order);
+    keys = (const char *const **)codir__calloc((size_t)num_metadata + 1, sizeof *keys);
+    if (!order || !keys) {
+        rc = CODIR_ERR_NOMEM;
+        goto done;
+    }
+
+    /* Tensors and metadata keys in byte order of their names; equal neighbours are
+       duplicates. */
+    for (i = 0; i < count; i++) order[i] = &tensors[i];
+    for (i = 0; i < count; i++) {
+        if (!tensors[i].name) {
+            rc = codir__fail(CODIR_ERR_INVALID, "codir_safetensors_write '%s': tensor %d has no name", path, i);
+            goto done;
+        }
+    }
+    qsort(order, (size_t)count, sizeof *order, codir__st_write_order);
+    for (i = 1; i < count; i++) {
+        if (strcmp(order[i - 1]->name, order[i]->name) == 0) {
+            rc = codir__fail(CODIR_ERR_INVALID, "codir_safetensors_write '%s': two tensors are named \"%s\"", path,
+                             order[i]->name);
+            goto done;
+        }
+    }
+    for (i = 0; i < num_metadata; i++) {
+        keys[i] = metadata + 2 * i;
+        if (!keys[i][0] || !keys[i][1] || !codir__io_utf8_valid(keys[i][0]) || !codir__io_utf8_valid(keys[i][1])) {
+            rc = codir__fail(CODIR_ERR_INVALID, "codir_safetensors_write '%s': metadata entry %d is NULL or not valid "
+                             "UTF-8", path, i);
+            goto done;
+        }
+    }
+    qsort(keys, (size_t)num_metadata, sizeof *keys, codir__st_key_order);
+    for (i = 1; i < num_metadata; i++) {
+        if (strcmp(keys[i - 1][0], keys[i][0]) == 0) {
+            rc = codir__fail(CODIR_ERR_INVALID, "codir_safetensors_write '%s': metadata key \"%s\" is given twice",
+                             path, keys[i][0]);
+            goto done;
+        }
+    }
+    rc = codir__st_header(&header, path, order, count, keys, num_metadata);
+    if (rc) goto done;
+
+    rc = codir__io_create_tmp(path, &file, &tmp_path);
+    if (rc) goto done;
+    for (i = 0; i < 8; i++) length_bytes[i] = (unsigned char)(((uint64_t)header.length >> (8 * i)) & 0xFF);
+    if (fwrite(length_bytes, 1, 8, file) != 8 || fwrite(header.data, 1, header.length, file) != header.length)
+        failed = 1;
+    for (i = 0; i < count && !failed; i++) {
+        size_t numel = 1;
+        int d;
+        for (d = 0; d < order[i]->ndim; d++) numel *= (size_t)order[i]->shape[d]; /* checked in the header pass */
+        if (!codir__st_write_floats(file, order[i]->data, numel)) failed = 1;
+    }
+    rc = codir__io_commit(file, tmp_path, path, failed);
+
+done:
+    codir__free(order);
+    codir__free((void *)keys);
+    codir__free(header.data);
+    return rc;
+}
+
+/* ---- Hugging Face BERT configuration ---- */
+
+/* Orders label ids as Python's json.dumps(sort_keys=True) orders their decimal keys. */
+static int codir__hf_label_order(const void *pa, const void *pb)
+{
+    char a[16], b[16];
+    snprintf(a, sizeof a, "%d", *(const int *)pa);
+    snprintf(b, sizeof b, "%d", *(const int *)pb);
+    return strcmp(a, b);
+}
+
+static void codir__hf_put_int(codir__io_buf *b, const char *key, int value, const char *after)
+{
+    char text[64];
+    snprintf(text, sizeof text, "  \"%s\": %d%s\n", key, value, after);
+    codir__io_puts(b, text);
+}
+
+static void codir__hf_put_float(codir__io_buf *b, const char *key, float value)
+{
+    codir__io_puts(b, "  \"");
+    codir__io_puts(b, key);
+    codir__io_puts(b, "\": ");
+    codir__io_put_float(b, value);
+    codir__io_puts(b, ",\n");
+}
+
+CODIR_DEF int codir_config_save(const codir_config *cfg, const char *path)
+{
+    codir__io_buf b = {NULL, 0, 0, 0};
+    int *labels, i, rc;
+    char text[96];
+
+    if (!cfg || !path) return codir__fail(CODIR_ERR_INVALID, "codir_config_save: cfg or path is NULL");
+    rc = codir_config_check(cfg);
+    if (rc) return rc;
+    labels = (int *)codir__calloc((size_t)cfg->num_labels, sizeof *labels);
+    if (!labels) return CODIR_ERR_NOMEM;
+    for (i = 0; i < cfg->num_labels; i++) labels[i] = i;
+    qsort(labels, (size_t)cfg->num_labels, sizeof *labels, codir__hf_label_order);
+
+    /* The keys in sorted order, as transformers' PretrainedConfig.to_json_string
+       writes them. */
+    codir__io_puts(&b, "{\n  \"architectures\": [\n    \"BertForSequenceClassification\"\n  ],\n");
+    codir__hf_put_float(&b, "attention_probs_dropout_prob", cfg->dropout);
+    codir__io_puts(&b, "  \"hidden_act\": \"gelu\",\n");
+    codir__hf_put_float(&b, "hidden_dropout_prob", cfg->dropout);
+    codir__hf_put_int(&b, "hidden_size", cfg->hidden, ",");
+    codir__io_puts(&b, "  \"id2label\": {\n");
+    for (i = 0; i < cfg->num_labels; i++) {
+        snprintf(text, sizeof text, "    \"%d\": \"LABEL_%d\"%s\n", labels[i], labels[i], i + 1 < cfg->num_labels ? "," : "");
+        codir__io_puts(&b, text);
+    }
+    codir__io_puts(&b, "  },\n  \"initializer_range\": 0.02,\n");
+    codir__hf_put_int(&b, "intermediate_size", cfg->ffn, ",");
+    codir__io_puts(&b, "  \"label2id\": {\n");
+    for (i = 0; i < cfg->num_labels; i++) {
+        snprintf(text, sizeof text, "    \"LABEL_%d\": %d%s\n", labels[i], labels[i], i + 1 < cfg->num_labels ? "," : "");
+        codir__io_puts(&b, text);
+    }
+    codir__io_puts(&b, "  },\n");
+    codir__hf_put_float(&b, "layer_norm_eps", cfg->ln_eps);
+    codir__hf_put_int(&b, "max_position_embeddings", cfg->max_len, ",");
+    codir__io_puts(&b, "  \"model_type\": \"bert\",\n");
+    codir__hf_put_int(&b, "num_attention_heads", cfg->num_heads, ",");
+    codir__hf_put_int(&b, "num_hidden_layers", cfg->num_layers, ",");
+    codir__io_puts(&b, "  \"position_embedding_type\": \"absolute\",\n");
+    if (cfg->num_labels == 1) codir__io_puts(&b, "  \"problem_type\": \"regression\",\n");
+    codir__io_puts(&b, "  \"torch_dtype\": \"float32\",\n");
+    codir__hf_put_int(&b, "type_vocab_size", cfg->type_vocab_size, ",");
+    codir__hf_put_int(&b, "vocab_size", cfg->vocab_size, "");
+    codir__io_puts(&b, "}\n");
+    codir__free(labels);
+    if (b.failed) {
+        codir__free(b.data);
+        return CODIR_ERR_NOMEM;
+    }
+    rc = codir__io_write_file(path, b.data, b.length);
+    codir__free(b.data);
+    return rc;
+}
+
+/* Reads the optional integer `key` of the config object into *value, which keeps its
+   default when the key is absent. */
+static int codir__hf_int(const codir__json *js, const char *key, int minimum, int *value)
+{
+    int m = codir__json_member(js, 0, key);
+    const codir__json_node *n;
+    if (m < 0) return CODIR_OK;
+    n = &js->nodes[m];
+    if (n->type != CODIR__JSON_NUMBER || !n->is_integer || n->number < minimum || n->number > INT_MAX)
+        return codir__fail(CODIR_ERR_PARSE, "%s: %s at byte %zu must be an integer from %d to %d", js->source, key,
+                           js->base + n->offset, minimum, INT_MAX);
+    *value = (int)n->number;
+    return CODIR_OK;
+}
+
+/* The same for a number in [minimum, maximum) (maximum_open) or [minimum, maximum]. */
+static int codir__hf_float(const codir__json *js, const char *key, double minimum, double maximum, int maximum_open,
+                           float *value)
+{
+    int m = codir__json_member(js, 0, key);
+    const codir__json_node *n;
+    if (m < 0) return CODIR_OK;
+    n = &js->nodes[m];
+    if (n->type != CODIR__JSON_NUMBER || !(n->number >= minimum) || n->number > maximum ||
+        (maximum_open && n->number == maximum))
+        return codir__fail(CODIR_ERR_PARSE, "%s: %s at byte %zu must be a number in [%g, %g%s", js->source, key,
+                           js->base + n->offset, minimum, maximum, maximum_open ? ")" : "]");
+    *value = (float)n->number;
+    return CODIR_OK;
+}
+
+/* Returns the string value of `key`, NULL when absent, or "" after recording an error
+   when the value is not a string (null counts as absent). */
+static const char *codir__hf_string(const codir__json *js, const char *key, int *rc)
+{
+    int m = codir__json_member(js, 0, key);
+    const codir__json_node *n;
+    if (m < 0 || js->nodes[m].type == CODIR__JSON_NULL) return NULL;
+    n = &js->nodes[m];
+    if (n->type != CODIR__JSON_STRING) {
+        *rc = codir__fail(CODIR_ERR_PARSE, "%s: %s at byte %zu must be a string", js->source, key, js->base + n->offset);
+        return "";
+    }
+    return codir__json_str(js, n->str);
+}
+
+/* Counts id2label entries, whose keys must be the decimal ids 0..n-1. */
+static int codir__hf_id2label(const codir__json *js, int member, int *num_labels)
+{
+    const codir__json_node *n = &js->nodes[member];
+    int item;
+    if (n->type != CODIR__JSON_OBJECT || n->count < 1)
+        return codir__fail(CODIR_ERR_PARSE, "%s: id2label at byte %zu must be a non-empty object", js->source,
+                           n->offset);
+    for (item = n->first; item >= 0; item = js->nodes[item].next) {
+        const char *key = codir__json_str(js, js->nodes[item].key);
+        char *end, canonical[24];
+        long id = strtol(key, &end, 10);
+        snprintf(canonical, sizeof canonical, "%ld", id);
+        if (*end || strcmp(canonical, key) != 0 || id < 0 || id >= n->count)
+            return codir__fail(CODIR_ERR_PARSE, "%s: id2label key \"%s\" at byte %zu must be a label id from 0 to %d",
+                               js->source, key, js->nodes[item].key_offset, n->count - 1);
+    }
+    *num_labels = n->count;
+    return CODIR_OK;
+}
+
+CODIR_DEF int codir_config_load(const char *path, codir_config *cfg)
+{
+    codir__json js;
+    codir_config c = codir_config_default();
+    char *text;
+    size_t length = 0;
+    const char *act, *model_type, *position_type, *problem;
+    int rc, member, num_labels = 2, listed = 0;
+
+    if (!path || !cfg) return codir__fail(CODIR_ERR_INVALID, "codir_config_load: path or cfg is NULL");
+    rc = codir__io_read_file(path, (size_t)1 << 24, &text, &length);
+    if (rc) return rc;
+    rc = codir__json_parse(&js, text, length, 0, path, "a JSON config");
+    if (!rc && js.nodes[0].type != CODIR__JSON_OBJECT)
+        rc = codir__fail(CODIR_ERR_PARSE, "%s: the file must hold a JSON object", path);
+    if (rc) goto done;
+
+    /* BertConfig's defaults for absent keys. */
+    c.vocab_size = 30522;
+    c.hidden = 768;
+    c.num_layers = 12;
+    c.num_heads = 12;
+    c.ffn = 3072;
+    c.max_len = 512;
+    c.type_vocab_size = 2;
+    c.ln_eps = 1e-12f;
+    c.dropout = 0.1f;
+    c.mlm_head = 0;
+    {
+        const char *const keys[7] = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                     "intermediate_size", "max_position_embeddings", "type_vocab_size"};
+        int *const fields[7] = {&c.vocab_size, &c.hidden, &c.num_layers, &c.num_heads, &c.ffn, &c.max_len,
+                                &c.type_vocab_size};
+        int k;
+        for (k = 0; k < 7 && !rc; k++) rc = codir__hf_int(&js, keys[k], 1, fields[k]);
+    }
+    if (!rc) rc = codir__hf_float(&js, "layer_norm_eps", 0.0, 1.0, 0, &c.ln_eps);
+    if (!rc) rc = codir__hf_float(&js, "hidden_dropout_prob", 0.0, 1.0, 1, &c.dropout);
+    if (rc) goto done;
+    if (!(c.ln_eps > 0.0f)) {
+        rc = codir__fail(CODIR_ERR_PARSE, "%s: layer_norm_eps must be positive", path);
+        goto done;
+    }
+
+    /* Settings codir cannot represent are rejected rather than silently changed. */
+    act = codir__hf_string(&js, "hidden_act", &rc);
+    model_type = codir__hf_string(&js, "model_type", &rc);
+    position_type = codir__hf_string(&js, "position_embedding_type", &rc);
+    problem = codir__hf_string(&js, "problem_type", &rc);
+    if (rc) goto done;
+    if (act && strcmp(act, "gelu") != 0) {
+        rc = codir__fail(CODIR_ERR_INVALID, "%s: hidden_act \"%s\" is not supported: codir implements only \"gelu\", "
+                         "the exact erf form; use a model trained with it", path, act);
+        goto done;
+    }
+    if (model_type && strcmp(model_type, "bert") != 0) {
+        rc = codir__fail(CODIR_ERR_INVALID, "%s: model_type \"%s\" is not supported: codir_model_load reads BERT "
+                         "checkpoints (model_type \"bert\") only", path, model_type);
+        goto done;
+    }
+    if (position_type && strcmp(position_type, "absolute") != 0) {
+        rc = codir__fail(CODIR_ERR_INVALID, "%s: position_embedding_type \"%s\" is not supported: codir has absolute "
+                         "position embeddings only", path, position_type);
+        goto done;
+    }
+
+    /* The number of labels: id2label as transformers writes it, or num_labels. */
+    member = codir__json_member(&js, 0, "id2label");
+    if (member >= 0) {
+        rc = codir__hf_id2label(&js, member, &num_labels);
+        if (rc) goto done;
+        listed = 1;
+    }
+    if (codir__json_member(&js, 0, "num_labels") >= 0) {
+        int n = 0;
+        rc = codir__hf_int(&js, "num_labels", 1, &n);
+        if (rc) goto done;
+        if (listed && n != num_labels) {
+            rc = codir__fail(CODIR_ERR_PARSE, "%s: num_labels %d contradicts the %d entries of id2label", path, n,
+                             num_labels);
+            goto done;
+        }
+        num_labels = n;
+    }
+    if (problem && strcmp(problem, "regression") != 0 && strcmp(problem, "single_label_classification") != 0) {
+        rc = codir__fail(CODIR_ERR_INVALID, "%s: problem_type \"%s\" is not supported: codir trains single-label "
+                         "classification or, with one label, regression", path, problem);
+        goto done;
+    }
+    if (problem && (strcmp(problem, "regression") == 0) != (num_labels == 1)) {
+        rc = codir__fail(CODIR_ERR_INVALID, "%s: problem_type \"%s\" does not fit %d labels: codir treats one label "
+                         "as regression and more as classification", path, problem, num_labels);
+        goto done;
+    }
+    c.num_labels = num_labels;
+    rc = codir_config_check(&c);
+    if (rc) rc = codir__fail(rc, "%s: %s", path, codir_last_error());
+    if (!rc) *cfg = c;
+
+done:
+    codir__json_free(&js);
+    codir__free(text);
+    return rc;
+}
+
+/* ---- Hugging Face BERT weights ---- */
+
+/* One tensor of the Hugging Face layout and the codir memory it maps to. */
+typedef struct codir__hf_entry {
+    char name[96];
+    char old_name[96];          /* LayerNorm gamma/beta name accepted on load, or "" */
+    float *data;                /* a whole codir tensor or a query/key/value block of one */
+    int ndim;
+    int64_t shape[2];
+} codir__hf_entry;
+
+static void codir__hf_add(codir__hf_entry *e, int *n, const char *prefix, const char *suffix, float *data, int d0,
+                          int d1)
+{
+    codir__hf_entry *x = &e[(*n)++];
+    const char *old = NULL;
+    snprintf(x->name, sizeof x->name, "%s%s", prefix, suffix);
+    x->old_name[0] = '\0';
+    if (strcmp(suffix, "LayerNorm.weight") == 0) old = "LayerNorm.gamma";
+    if (strcmp(suffix, "LayerNorm.bias") == 0) old = "LayerNorm.beta";
+    if (old) snprintf(x->old_name, sizeof x->old_name, "%s%s", prefix, old);
+    x->data = data;
+    x->ndim = d1 > 0 ? 2 : 1;
+    x->shape[0] = d0;
+    x->shape[1] = d1 > 0 ? d1 : 1;
+}
+
+/* Lists every Hugging Face tensor of model in *entries; returns the count or an error. */
+static int codir__hf_layout(const codir_model *m, codir__hf_entry **entries)
+{
+    const codir_config *cfg = &m->cfg;
+    int C = cfg->hidden, F = cfg->ffn, V = cfg->vocab_size, n = 0, l, k;
+    size_t CC = (size_t)C * (size_t)C;
+    codir__hf_entry *e = (codir__hf_entry *)codir__calloc((size_t)cfg->num_layers * 16 + 16, sizeof *e);
+    static const char *const qkv[3] = {"query", "key", "value"};
+    char prefix[64];
+    *entries = e;
+    if (!e) return CODIR_ERR_NOMEM;
+
+    codir__hf_add(e, &n, "bert.embeddings.", "word_embeddings.weight", m->tok_emb->data, V, C);
+    codir__hf_add(e, &n, "bert.embeddings.", "position_embeddings.weight", m->pos_emb->data, cfg->max_len, C);
+    codir__hf_add(e, &n, "bert.embeddings.", "token_type_embeddings.weight", m->type_emb->data, cfg->type_vocab_size, C);
+    codir__hf_add(e, &n, "bert.embeddings.", "LayerNorm.weight", m->emb_ln_gamma->data, C, 0);
+    codir__hf_add(e, &n, "bert.embeddings.", "LayerNorm.bias", m->emb_ln_beta->data, C, 0);
+    for (l = 0; l < cfg->num_layers; l++) {
+        const codir_layer *ly = &m->layers[l];
+        /* query, key and value are the row blocks 0..C-1, C..2C-1 and 2C..3C-1 */
+        for (k = 0; k < 3; k++) {
+            char suffix[32];
+            snprintf(prefix, sizeof prefix, "bert.encoder.layer.%d.attention.self.", l);
+            snprintf(suffix, sizeof suffix, "%s.weight", qkv[k]);
+            codir__hf_add(e, &n, prefix, suffix, ly->qkv_w->data + (size_t)k * CC, C, C);
+            snprintf(suffix, sizeof suffix, "%s.bias", qkv[k]);
+            codir__hf_add(e, &n, prefix, suffix, ly->qkv_b->data + (size_t)k * (size_t)C, C, 0);
+        }
+        snprintf(prefix, sizeof prefix, "bert.encoder.layer.%d.attention.output.", l);
+        codir__hf_add(e, &n, prefix, "dense.weight", ly->attn_out_w->data, C, C);
+        codir__hf_add(e, &n, prefix, "dense.bias", ly->attn_out_b->data, C, 0);
+        codir__hf_add(e, &n, prefix, "LayerNorm.weight", ly->ln1_gamma->data, C, 0);
+        codir__hf_add(e, &n, prefix, "LayerNorm.bias", ly->ln1_beta->data, C, 0);
+        snprintf(prefix, sizeof prefix, "bert.encoder.layer.%d.intermediate.", l);
+        codir__hf_add(e, &n, prefix, "dense.weight", ly->ffn_up_w->data, F, C);
+        codir__hf_add(e, &n, prefix, "dense.bias", ly->ffn_up_b->data, F, 0);
+        snprintf(prefix, sizeof prefix, "bert.encoder.layer.%d.output.", l);
+        codir__hf_add(e, &n, prefix, "dense.weight", ly->ffn_down_w->data, C, F);
+        codir__hf_add(e, &n, prefix, "dense.bias", ly->ffn_down_b->data, C, 0);
+        codir__hf_add(e, &n, prefix, "LayerNorm.weight", ly->ln2_gamma->data, C, 0);
+        codir__hf_add(e, &n, prefix, "LayerNorm.bias", ly->ln2_beta->data, C, 0);
+    }
+    codir__hf_add(e, &n, "bert.pooler.", "dense.weight", m->pool_w->data, C, C);
+    codir__hf_add(e, &n, "bert.pooler.", "dense.bias", m->pool_b->data, C, 0);
+    codir__hf_add(e, &n, "classifier.", "weight", m->cls_w->data, cfg->num_labels, C);
+    codir__hf_add(e, &n, "classifier.", "bias", m->cls_b->data, cfg->num_labels, 0);
+    if (cfg->mlm_head) {
+        codir__hf_add(e, &n, "cls.predictions.transform.", "dense.weight", m->mlm_dense_w->data, C, C);
+        codir__hf_add(e, &n, "cls.predictions.transform.", "dense.bias", m->mlm_dense_b->data, C, 0);
+        codir__hf_add(e, &n, "cls.predictions.transform.", "LayerNorm.weight", m->mlm_ln_gamma->data, C, 0);
+        codir__hf_add(e, &n, "cls.predictions.transform.", "LayerNorm.bias", m->mlm_ln_beta->data, C, 0);
+        codir__hf_add(e, &n, "cls.predictions.", "bias", m->mlm_bias->data, V, 0);
+    }
+    return n;
+}
+
+CODIR_DEF int codir_model_save(const codir_model *model, const char *dir)
+{
+    static const char *const metadata[2] = {"format", "pt"};
+    codir__hf_entry *entries;
+    codir_st_write *writes;
+    char *weights_path, *config_path;
+    int n, i, rc;
+
+    if (!model || !dir) return codir__fail(CODIR_ERR_INVALID, "codir_model_save: model or dir is NULL");
+    n = codir__hf_layout(model, &entries);
+    if (n < 0) return n;
+    writes = (codir_st_write *)codir__calloc((size_t)n, sizeof *writes);
+    weights_path = codir__io_join(dir, "model.safetensors");
+    config_path = codir__io_join(dir, "config.json");
+    if (!writes || !weights_path || !config_path) {
+        rc = CODIR_ERR_NOMEM;
+        goto done;
+    }
+    for (i = 0; i < n; i++) {
+        writes[i].name = entries[i].name;
+        writes[i].ndim = entries[i].ndim;
+        writes[i].shape[0] = entries[i].shape[0];
+        writes[i].shape[1] = entries[i].shape[1];
+        writes[i].data = entries[i].data;
+    }
+    rc = codir_safetensors_write(weights_path, writes, n, metadata, 1);
+    if (!rc) rc = codir_config_save(&model->cfg, config_path);
+
+done:
+    codir__free(entries);
+    codir__free(writes);
+    codir__free(weights_path);
+    codir__free(config_path);
+    return rc;
+}
+
+/* Returns the tensor stored under `name` or, when given, under `old_name`, rejecting a
+   file that holds both; *index receives its position, or -1 when it is missing. */
+static int codir__hf_lookup(const codir_safetensors *st, const char *name, const char *old_name, int *index)
+{
+    const codir_st_tensor *t = codir_safetensors_find(st, name);
+    const codir_st_tensor *old = old_name && old_name[0] ? codir_safetensors_find(st, old_name) : NULL;
+    if (t && old)
+        return codir__fail(CODIR_ERR_PARSE, "%s: both \"%s\" and its old name \"%s\" are present; keep one",
+                           st->path, name, old_name);
+    if (!t) t = old;
+    *index = t ? (int)(t - st->tensors) : -1;
+    return CODIR_OK;
+}
+
+/* Reads tensor `index` of st into e->data after checking its shape against e. */
+static int codir__hf_fill(const codir_safetensors *st, int index, const codir__hf_entry *e)
+{
+    const codir_st_tensor *t = &st->tensors[index];
+    char want[64], found[200];
+    int same = t->ndim == e->ndim, d;
+    for (d = 0; same && d < e->ndim; d++) same = t->shape[d] == e->shape[d];
+    if (!same)
+        return codir__fail(CODIR_ERR_INVALID, "%s: tensor \"%s\" has shape %s, but config.json implies %s; check that "
+                           "config.json belongs to these weights",
+                           st->path, t->name, codir__st_shape_text(found, sizeof found, t->ndim, t->shape),
+                           codir__st_shape_text(want, sizeof want, e->ndim, e->shape));
+    return codir_safetensors_read_f32(st, t->name, e->data, (size_t)e->shape[0] * (size_t)e->shape[1]);
+}
+
+/* Checks the tied decoder weight and bias that Hugging Face may store beside the
+   masked-LM head, and marks them used. */
+static int codir__hf_tied(const codir_safetensors *st, const codir_model *m, char *used)
+{
+    const codir_st_tensor *t;
+    int rc = CODIR_OK;
+    t = codir_safetensors_find(st, "cls.predictions.decoder.weight");
+    if (t) {
+        codir__hf_entry e;
+        e.ndim = 2;
+        e.shape[0] = m->cfg.vocab_size;
+        e.shape[1] = m->cfg.hidden;
+        e.data = (float *)codir__calloc(m->tok_emb->numel, sizeof(float));
+        if (!e.data) return CODIR_ERR_NOMEM;
+        rc = codir__hf_fill(st, (int)(t - st->tensors), &e);
+        if (!rc && memcmp(e.data, m->tok_emb->data, m->tok_emb->numel * sizeof(float)) != 0)
+            rc = codir__fail(CODIR_ERR_INVALID, "%s: cls.predictions.decoder.weight differs from "
+                             "bert.embeddings.word_embeddings.weight; codir ties the decoder to the word embeddings "
+                             "and cannot load an untied decoder", st->path);
+        codir__free(e.data);
+        used[t - st->tensors] = 1;
+    }
+    t = codir_safetensors_find(st, "cls.predictions.decoder.bias");
+    if (!rc && t && codir_safetensors_find(st, "cls.predictions.bias")) {
+        codir__hf_entry e;
+        e.ndim = 1;
+        e.shape[0] = m->cfg.vocab_size;
+        e.shape[1] = 1;
+        e.data = (float *)codir__calloc(m->mlm_bias->numel, sizeof(float));
+        if (!e.data) return CODIR_ERR_NOMEM;
+        rc = codir__hf_fill(st, (int)(t - st->tensors), &e);
+        if (!rc && memcmp(e.data, m->mlm_bias->data, m->mlm_bias->numel * sizeof(float)) != 0)
+            rc = codir__fail(CODIR_ERR_INVALID, "%s: cls.predictions.decoder.bias differs from cls.predictions.bias; "
+                             "Hugging Face ties them, so the file is inconsistent", st->path);
+        codir__free(e.data);
+        used[t - st->tensors] = 1;
+    }
+    return rc;
+}
+
+CODIR_DEF codir_model *codir_model_load(const char *dir)
+{
+    codir_config cfg;
+    codir_model *m = NULL;
+    codir_safetensors *st = NULL;
+    codir__hf_entry *entries = NULL;
+    char *weights_path = NULL, *config_path = NULL, *used = NULL;
+    int n = 0, i, rc, unexpected = 0, first_unexpected = -1;
+
+    if (!dir) {
+        codir__fail(CODIR_ERR_INVALID, "codir_model_load: dir is NULL");
+        return NULL;
+    }
+    weights_path = codir__io_join(dir, "model.safetensors");
+    config_path = codir__io_join(dir, "config.json");
+    if (!weights_path || !config_path) goto fail;
+    if (codir_config_load(config_path, &cfg)) goto fail;
+    st = codir_safetensors_open(weights_path);
+    if (!st) goto fail;
+    cfg.mlm_head = codir_safetensors_find(st, "cls.predictions.transform.dense.weight") != NULL;
+    m = codir_model_create(&cfg, 0);
+    if (!m) goto fail;
+    n = codir__hf_layout(m, &entries);
+    used = (char *)codir__calloc((size_t)st->num_tensors + 1, 1);
+    if (n < 0 || !used) goto fail;
+
+    /* Every tensor of the layout must be present with the shape config.json implies. */
+    for (i = 0; i < n; i++) {
+        int index;
+        rc = codir__hf_lookup(st, entries[i].name, entries[i].old_name, &index);
+        if (rc) goto fail;
+        if (index < 0 && strcmp(entries[i].name, "cls.predictions.bias") == 0)
+            rc = codir__hf_lookup(st, "cls.predictions.decoder.bias", NULL, &index);
+        if (index < 0) {
+            codir__fail(CODIR_ERR_INVALID, "%s: tensor \"%s\" is missing; a %s model needs every tensor that "
+                        "codir_model_save writes", weights_path, entries[i].name,
+                        cfg.mlm_head ? "masked-LM" : "sequence-classification");
+            goto fail;
+        }
+        rc = codir__hf_fill(st, index, &entries[i]);
+        if (rc) goto fail;
+        used[index] = 1;
+    }
+    if (cfg.mlm_head && codir__hf_tied(st, m, used)) goto fail;
+
+    /* Anything else is rejected, except the position index buffer of old exports. */
+    for (i = 0; i < st->num_tensors; i++) {
+        if (used[i] || strcmp(st->tensors[i].name, "bert.embeddings.position_ids") == 0) continue;
+        if (first_unexpected < 0) first_unexpected = i;
+        unexpected++;
+    }
+    if (unexpected) {
+        codir__fail(CODIR_ERR_INVALID, "%s: unexpected tensor \"%s\"%s; codir_model_load reads only the BERT "
+                    "encoder, pooler, classifier and masked-LM weights", weights_path,
+                    st->tensors[first_unexpected].name, unexpected > 1 ? " and others" : "");
+        goto fail;
+    }
+    codir__free(entries);
+    codir__free(used);
+    codir__free(weights_path);
+    codir__free(config_path);
+    codir_safetensors_close(st);
+    return m;
+
+fail:
+    codir__free(entries);
+    codir__free(used);
+    codir__free(weights_path);
+    codir__free(config_path);
+    codir_safetensors_close(st);
+    codir_model_free(m);
+    return NULL;
+}
 
 /* ===================================================================================
    7. Losses: the CoDIR objective (implementation)
@@ -4288,6 +6411,7 @@ CODIR_DEF codir_distill_config codir_distill_config_default(void)
     cfg.pooling = CODIR_POOL_MEAN;
     cfg.neg_margin = 0.5f;
     cfg.max_bank_bytes = 4.0 * 1024 * 1024 * 1024;
+    cfg.negatives_from = CODIR_NEG_OTHER_GROUP;
     return cfg;
 }
 
@@ -4319,6 +6443,9 @@ static int codir__distill_check(const codir_distill_config *cfg, const codir_con
     if (cfg->pooling != CODIR_POOL_MEAN && cfg->pooling != CODIR_POOL_FIRST)
         return codir__fail(CODIR_ERR_INVALID, "pooling %d is neither CODIR_POOL_MEAN nor CODIR_POOL_FIRST", cfg->pooling);
     if (!(cfg->neg_margin >= 0.0f)) return codir__fail(CODIR_ERR_INVALID, "negative margin %g must be >= 0", (double)cfg->neg_margin);
+    if (cfg->negatives_from != CODIR_NEG_OTHER_GROUP && cfg->negatives_from != CODIR_NEG_SAME_GROUP)
+        return codir__fail(CODIR_ERR_INVALID, "negatives_from %d is neither CODIR_NEG_OTHER_GROUP nor CODIR_NEG_SAME_GROUP",
+                           cfg->negatives_from);
     if (cfg->mode == CODIR_CRD_NCE && cfg->num_negatives >= num_examples)
         return codir__fail(CODIR_ERR_INVALID, "NCE needs fewer negatives (K = %d) than training examples (%d); lower K",
                            cfg->num_negatives, num_examples);
@@ -4550,10 +6677,30 @@ static int codir__sample_regression(codir_distiller *d, int anchor, int *out, in
     return K;
 }
 
+/* Same-group negatives: the anchor's group without the anchor first, then distinct
+   examples of other groups when the group is too small. */
+static int codir__sample_same_group(codir_distiller *d, int anchor, int *out, int K)
+{
+    int own = d->labels[anchor], own_lo = d->label_start[own], own_n = d->label_start[own + 1] - own_lo;
+    int anchor_pos = 0, i, inside = own_n - 1;
+    if (K > d->num_examples - 1) K = d->num_examples - 1;
+    while (d->by_label[own_lo + anchor_pos] != anchor) anchor_pos++;
+    if (inside >= K) {
+        codir__floyd_sample(&d->rng, inside, K, out);
+        for (i = 0; i < K; i++) out[i] = d->by_label[own_lo + (out[i] < anchor_pos ? out[i] : out[i] + 1)];
+        return K;
+    }
+    for (i = 0; i < inside; i++) out[i] = d->by_label[own_lo + (i < anchor_pos ? i : i + 1)];
+    codir__floyd_sample(&d->rng, d->num_examples - own_n, K - inside, out + inside);
+    for (i = inside; i < K; i++) out[i] = d->by_label[out[i] < own_lo ? out[i] : out[i] + own_n];
+    return K;
+}
+
 CODIR_DEF int codir_sample_negatives(codir_distiller *d, int anchor, int *out, int K)
 {
     int own, own_lo, own_n, pool, i;
     if (d->targets) return codir__sample_regression(d, anchor, out, K);
+    if (d->cfg.negatives_from == CODIR_NEG_SAME_GROUP) return codir__sample_same_group(d, anchor, out, K);
     own = d->labels[anchor];
     own_lo = d->label_start[own];
     own_n = d->label_start[own + 1] - own_lo;
@@ -4567,75 +6714,120 @@ CODIR_DEF int codir_sample_negatives(codir_distiller *d, int anchor, int *out, i
     return K;
 }
 
-CODIR_DEF codir_tensor *codir_crd_loss(codir_ctx *ctx, codir_distiller *d, const codir_output *student,
-                                       const codir_output *teacher, const codir_batch *batch,
-                                       codir_tensor **zt_out)
+/* Pools each mapped teacher layer (mean over non-padding tokens, or the first token)
+   and concatenates them: f_t [B, Ls * Ct]. Layer 0, the embeddings, is not used. */
+static codir_tensor *codir__teacher_features(codir_ctx *ctx, const codir_distiller *d, const codir_output *teacher,
+                                             const codir_batch *batch)
 {
-    codir_tensor **fs, **ft, *zs, *zt, *dirs[2];
-    static const float half[2] = {0.5f, 0.5f};
-    int Ls = d->student_layers, k, b, B = batch->batch, K = d->cfg.num_negatives, drawn = K;
-    int *neg, *idx;
-    d->last_zs = NULL;
-    if (student->num_hidden != Ls + 1 || teacher->num_hidden != d->teacher_layers + 1)
-        return codir__op_error(ctx, CODIR_ERR_INVALID, "contrastive loss: models do not match the distiller's layer counts");
-    fs = (codir_tensor **)codir_arena_alloc(&ctx->arena, (size_t)Ls * sizeof *fs);
+    codir_tensor **ft;
+    int k, Ls = d->student_layers;
+    if (teacher->num_hidden != d->teacher_layers + 1)
+        return codir__op_error(ctx, CODIR_ERR_INVALID, "contrastive loss: the teacher has %d layers, the distiller expects %d",
+                               teacher->num_hidden - 1, d->teacher_layers);
     ft = (codir_tensor **)codir_arena_alloc(&ctx->arena, (size_t)Ls * sizeof *ft);
-    if (!fs || !ft) return codir__op_failed(ctx, CODIR_ERR_NOMEM);
-
-    /* Pool each mapped layer (mean over non-padding tokens, or the first token) and
-       concatenate: f_s is [B, Ls * Cs] and f_t is [B, Ls * Ct]; layer 0 (the
-       embeddings) is not used. */
+    if (!ft) return codir__op_failed(ctx, CODIR_ERR_NOMEM);
     for (k = 0; k < Ls; k++) {
-        codir_tensor *hs = student->hidden[k + 1], *ht = teacher->hidden[d->layer_map[k]];
-        fs[k] = d->cfg.pooling == CODIR_POOL_FIRST ? codir_select_first(ctx, hs) : codir_mean_pool(ctx, hs, &batch->mask);
+        codir_tensor *ht = teacher->hidden[d->layer_map[k]];
         ft[k] = d->cfg.pooling == CODIR_POOL_FIRST ? codir_select_first(ctx, ht) : codir_mean_pool(ctx, ht, &batch->mask);
+    }
+    return codir_concat(ctx, ft, Ls);
+}
+
+/* The contrastive term from the student's layers and the teacher's pooled features
+   f_t [B, Ls * Ct], with neg[B, K] as negatives. */
+static codir_tensor *codir__crd_from_features(codir_ctx *ctx, codir_distiller *d, const codir_output *student,
+                                              codir_tensor *ft_cat, const codir_batch *batch, const int *neg, int K,
+                                              codir_tensor **zt_out)
+{
+    codir_tensor **fs, *zs, *zt, *dirs[2];
+    static const float half[2] = {0.5f, 0.5f};
+    int Ls = d->student_layers, k, b, B = batch->batch;
+    int *idx;
+    d->last_zs = NULL;
+    if (student->num_hidden != Ls + 1)
+        return codir__op_error(ctx, CODIR_ERR_INVALID, "contrastive loss: the student has %d layers, the distiller expects %d",
+                               student->num_hidden - 1, Ls);
+    if (K < 1) return codir__op_error(ctx, CODIR_ERR_INVALID, "contrastive loss: K = %d negatives; need at least 1", K);
+    fs = (codir_tensor **)codir_arena_alloc(&ctx->arena, (size_t)Ls * sizeof *fs);
+    idx = (int *)codir_arena_alloc(&ctx->arena, (size_t)B * (size_t)(K + 1) * sizeof(int));
+    if (!fs || !idx) return codir__op_failed(ctx, CODIR_ERR_NOMEM);
+
+    /* f_s [B, Ls * Cs]: the student's layers pooled the same way as the teacher's. */
+    for (k = 0; k < Ls; k++) {
+        codir_tensor *hs = student->hidden[k + 1];
+        fs[k] = d->cfg.pooling == CODIR_POOL_FIRST ? codir_select_first(ctx, hs) : codir_mean_pool(ctx, hs, &batch->mask);
     }
 
     /* Project and L2-normalize: z = normalize(W f + b). */
     zs = codir_l2_normalize(ctx, codir_linear(ctx, codir_concat(ctx, fs, Ls), d->proj_s_w, d->proj_s_b));
-    zt = codir_l2_normalize(ctx, codir_linear(ctx, codir_concat(ctx, ft, Ls), d->proj_t_w, d->proj_t_b));
+    zt = codir_l2_normalize(ctx, codir_linear(ctx, ft_cat, d->proj_t_w, d->proj_t_b));
     if (!zs || !zt) return NULL;
+    if (zt_out) *zt_out = zt;
+    d->last_zs = zs;
+    if (d->cfg.mode == CODIR_CRD_INFONCE) return codir_infonce(ctx, zs, zt, d->bank, d->num_examples, neg, K, d->cfg.tau);
 
-    /* K negatives per example; K shrinks to the smallest pool in the batch so every
-       row has the same count. idx holds each row's own id first, then its negatives. */
+    /* NCE scores each example's own bank row first, then its negatives. */
+    for (b = 0; b < B; b++) {
+        idx[(size_t)b * (K + 1)] = batch->example_ids.data[b];
+        memcpy(idx + (size_t)b * (K + 1) + 1, neg + (size_t)b * K, (size_t)K * sizeof(int));
+    }
+
+    /* The teacher projection scored against the student bank and the student
+       projection against the teacher bank, averaged. The normalizers come from the
+       first batch and stay frozen, as in the official code. */
+    if (!d->z_ready) {
+        d->log_z_t = codir_nce_log_normalizer(zt->data, d->bank_s, idx, B, d->cfg.proj_dim, K, d->cfg.tau,
+                                              d->num_examples);
+        d->log_z_s = codir_nce_log_normalizer(zs->data, d->bank, idx, B, d->cfg.proj_dim, K, d->cfg.tau,
+                                              d->num_examples);
+        d->z_ready = 1;
+    }
+    dirs[0] = codir_nce(ctx, zt, d->bank_s, d->num_examples, idx, K, d->cfg.tau, d->log_z_t, d->num_examples);
+    dirs[1] = codir_nce(ctx, zs, d->bank, d->num_examples, idx, K, d->cfg.tau, d->log_z_s, d->num_examples);
+    return codir_weighted_sum(ctx, dirs, half, 2);
+}
+
+CODIR_DEF codir_tensor *codir_crd_loss_fixed(codir_ctx *ctx, codir_distiller *d, const codir_output *student,
+                                             const codir_output *teacher, const codir_batch *batch, const int *neg,
+                                             int K, codir_tensor **zt_out)
+{
+    codir_tensor *ft = codir__teacher_features(ctx, d, teacher, batch);
+    return codir__crd_from_features(ctx, d, student, ft, batch, neg, K, zt_out);
+}
+
+/* The contrastive term with K negatives sampled per example; K shrinks to the
+   smallest pool in the batch so every row has the same count. */
+static codir_tensor *codir__crd_sampled(codir_ctx *ctx, codir_distiller *d, const codir_output *student,
+                                        codir_tensor *ft_cat, const codir_batch *batch, codir_tensor **zt_out)
+{
+    int b, B = batch->batch, K = d->cfg.num_negatives;
+    int *neg;
+    if (!ft_cat) return codir__op_failed(ctx, ctx->status ? ctx->status : CODIR_ERR_INVALID);
     for (b = 0; b < B; b++) {
         int e = batch->example_ids.data[b], pool;
         if (e < 0 || e >= d->num_examples)
             return codir__op_error(ctx, CODIR_ERR_INVALID, "contrastive loss: example id %d is outside the bank of %d rows",
                                    e, d->num_examples);
-        pool = d->targets ? d->num_examples - 1
-                          : d->num_examples - (d->label_start[d->labels[e] + 1] - d->label_start[d->labels[e]]);
-        if (pool < drawn) drawn = pool;
+        if (d->targets || d->cfg.negatives_from == CODIR_NEG_SAME_GROUP)
+            pool = d->num_examples - 1;
+        else
+            pool = d->num_examples - (d->label_start[d->labels[e] + 1] - d->label_start[d->labels[e]]);
+        if (pool < K) K = pool;
     }
-    if (drawn < 1)
+    if (K < 1)
         return codir__op_error(ctx, CODIR_ERR_INVALID,
                                "contrastive loss: no negatives, because every training example has the same label");
-    idx = (int *)codir_arena_alloc(&ctx->arena, (size_t)B * (size_t)(drawn + 1) * sizeof(int));
-    neg = (int *)codir_arena_alloc(&ctx->arena, (size_t)B * (size_t)drawn * sizeof(int));
-    if (!idx || !neg) return codir__op_failed(ctx, CODIR_ERR_NOMEM);
-    for (b = 0; b < B; b++) {
-        int *row = idx + (size_t)b * (drawn + 1);
-        row[0] = batch->example_ids.data[b];
-        codir_sample_negatives(d, row[0], row + 1, drawn);
-        memcpy(neg + (size_t)b * drawn, row + 1, (size_t)drawn * sizeof(int));
-    }
-    if (zt_out) *zt_out = zt;
-    d->last_zs = zs;
-    if (d->cfg.mode == CODIR_CRD_INFONCE) return codir_infonce(ctx, zs, zt, d->bank, d->num_examples, neg, drawn, d->cfg.tau);
+    neg = (int *)codir_arena_alloc(&ctx->arena, (size_t)B * (size_t)K * sizeof(int));
+    if (!neg) return codir__op_failed(ctx, CODIR_ERR_NOMEM);
+    for (b = 0; b < B; b++) codir_sample_negatives(d, batch->example_ids.data[b], neg + (size_t)b * K, K);
+    return codir__crd_from_features(ctx, d, student, ft_cat, batch, neg, K, zt_out);
+}
 
-    /* NCE: the teacher projection scored against the student bank and the student
-       projection against the teacher bank, averaged. The normalizers come from the
-       first batch and stay frozen, as in the official code. */
-    if (!d->z_ready) {
-        d->log_z_t = codir_nce_log_normalizer(zt->data, d->bank_s, idx, B, d->cfg.proj_dim, drawn, d->cfg.tau,
-                                              d->num_examples);
-        d->log_z_s = codir_nce_log_normalizer(zs->data, d->bank, idx, B, d->cfg.proj_dim, drawn, d->cfg.tau,
-                                              d->num_examples);
-        d->z_ready = 1;
-    }
-    dirs[0] = codir_nce(ctx, zt, d->bank_s, d->num_examples, idx, drawn, d->cfg.tau, d->log_z_t, d->num_examples);
-    dirs[1] = codir_nce(ctx, zs, d->bank, d->num_examples, idx, drawn, d->cfg.tau, d->log_z_s, d->num_examples);
-    return codir_weighted_sum(ctx, dirs, half, 2);
+CODIR_DEF codir_tensor *codir_crd_loss(codir_ctx *ctx, codir_distiller *d, const codir_output *student,
+                                       const codir_output *teacher, const codir_batch *batch,
+                                       codir_tensor **zt_out)
+{
+    return codir__crd_sampled(ctx, d, student, codir__teacher_features(ctx, d, teacher, batch), batch, zt_out);
 }
 
 /* row <- normalize(m row + (1 - m) z) for the rows of bank[N, D] listed in ids[B]. */
@@ -4812,85 +7004,52 @@ static int codir__utf8_encode(uint32_t cp, char *out)
     return 4;
 }
 
-typedef struct codir__range {
-    uint32_t first, last;
-} codir__range;
+/* Classes of characters for BERT's normalizer and pre-tokenizer. Every code point not
+   listed in codir__class_runs is CODIR__CHAR_OTHER. */
+enum {
+    CODIR__CHAR_OTHER = 0,
+    CODIR__CHAR_REMOVED,   /* dropped: Cc, Cf, Co, NUL and U+FFFD (but not tab, LF, CR) */
+    CODIR__CHAR_SPACE,     /* splits words: Zs, U+2028, U+2029, tab, LF, CR */
+    CODIR__CHAR_PUNCT,     /* a word by itself: P* and ASCII punctuation */
+    CODIR__CHAR_MARK       /* Mn, dropped when stripping accents */
+};
 
-/* Unicode general category Cf (format characters such as U+200B ZERO WIDTH SPACE and
-   U+FEFF), listed from Python 3.11's unicodedata, which implements Unicode 14.0.0. */
-static const codir__range codir__format_chars[] = {
-    {0xAD, 0xAD},       {0x600, 0x605},     {0x61C, 0x61C},     {0x6DD, 0x6DD},
-    {0x70F, 0x70F},     {0x890, 0x891},     {0x8E2, 0x8E2},     {0x180E, 0x180E},
-    {0x200B, 0x200F},   {0x202A, 0x202E},   {0x2060, 0x2064},   {0x2066, 0x206F},
-    {0xFEFF, 0xFEFF},   {0xFFF9, 0xFFFB},   {0x110BD, 0x110BD}, {0x110CD, 0x110CD},
-    {0x13430, 0x13438}, {0x1BCA0, 0x1BCA3}, {0x1D173, 0x1D17A}, {0xE0001, 0xE0001},
-    {0xE0020, 0xE007F}};
+/* The tables and their lookups are at the end of this section. */
+static int codir__char_class(uint32_t cp);
+static int codir__uncased_form(uint32_t cp, uint32_t *out);
 
-/* Unicode general category Zs (space separators), same source. */
-static const codir__range codir__space_chars[] = {
-    {0x20, 0x20},     {0xA0, 0xA0},     {0x1680, 0x1680}, {0x2000, 0x200A},
-    {0x202F, 0x202F}, {0x205F, 0x205F}, {0x3000, 0x3000}};
-
-/* The CJK ideograph blocks that BERT's _is_chinese_char lists. Kana and Hangul are
-   not among them, so BERT keeps those inside words. */
-static const codir__range codir__cjk_chars[] = {
-    {0x4E00, 0x9FFF},   {0x3400, 0x4DBF},   {0x20000, 0x2A6DF}, {0x2A700, 0x2B73F},
-    {0x2B740, 0x2B81F}, {0x2B820, 0x2CEAF}, {0xF900, 0xFAFF},   {0x2F800, 0x2FA1F}};
-
-static int codir__in_ranges(uint32_t cp, const codir__range *ranges, size_t count)
-{
-    size_t i;
-    for (i = 0; i < count; i++)
-        if (cp >= ranges[i].first && cp <= ranges[i].last) return 1;
-    return 0;
-}
-
-/* BERT drops every character of a Unicode category starting with C, except tab, LF
-   and CR, which it treats as whitespace. Surrogates never get here because the
-   decoder rejects them.
-   NOTE: unassigned code points (category Cn) are kept, because recognising them needs
-   the full Unicode table; BERT drops them. */
-static int codir__is_control(uint32_t cp)
-{
-    if (cp == '\t' || cp == '\n' || cp == '\r') return 0;
-    if (cp < 0x20 || (cp >= 0x7F && cp <= 0x9F)) return 1;      /* Cc */
-    if ((cp >= 0xE000 && cp <= 0xF8FF) || cp >= 0xF0000) return 1; /* Co, and Cn above U+FFFFD */
-    return codir__in_ranges(cp, codir__format_chars,
-                            sizeof codir__format_chars / sizeof codir__format_chars[0]);
-}
-
-/* BERT splits words at Zs characters and at tab, LF and CR. It also splits at U+2028
-   and U+2029 (categories Zl, Zp), because its whitespace step uses Python's
-   str.split(). */
-static int codir__is_whitespace(uint32_t cp)
-{
-    if (cp == '\t' || cp == '\n' || cp == '\r' || cp == 0x2028 || cp == 0x2029) return 1;
-    return codir__in_ranges(cp, codir__space_chars,
-                            sizeof codir__space_chars / sizeof codir__space_chars[0]);
-}
-
-/* BERT counts all non-alphanumeric printable ASCII characters as punctuation, "$",
-   "+", "<", "=", ">", "^", "`" and "|" included.
-   NOTE: non-ASCII punctuation (Unicode categories P*, such as U+2019 or U+3002) is not
-   split off yet; BERT splits it. */
-static int codir__is_punctuation(uint32_t cp)
-{
-    return (cp >= 33 && cp <= 47) || (cp >= 58 && cp <= 64) || (cp >= 91 && cp <= 96) ||
-           (cp >= 123 && cp <= 126);
-}
-
+/* The CJK ideograph blocks of tokenizers' is_chinese_char (normalizers/bert.rs), which
+   starts the fifth block at U+2B920 where BERT's Python original has U+2B820. Kana and
+   Hangul are not among them, so BERT keeps those inside words. */
 static int codir__is_cjk(uint32_t cp)
 {
-    return codir__in_ranges(cp, codir__cjk_chars, sizeof codir__cjk_chars / sizeof codir__cjk_chars[0]);
+    return (cp >= 0x4E00 && cp <= 0x9FFF) || (cp >= 0x3400 && cp <= 0x4DBF) || (cp >= 0x20000 && cp <= 0x2A6DF) ||
+           (cp >= 0x2A700 && cp <= 0x2B73F) || (cp >= 0x2B740 && cp <= 0x2B81F) ||
+           (cp >= 0x2B920 && cp <= 0x2CEAF) || (cp >= 0xF900 && cp <= 0xFAFF) || (cp >= 0x2F800 && cp <= 0x2FA1F);
 }
 
 /* ---- basic tokenization: text to words ---- */
 
-/* Reads a text word by word the way BERT's BasicTokenizer splits it. The words are
-   copied because dropped control characters can sit inside a word. */
+/* What codir__next_char found. */
+enum {
+    CODIR__NEXT_END = 0,   /* end of the text */
+    CODIR__NEXT_BREAK,     /* whitespace: the current word ends */
+    CODIR__NEXT_CHAR,      /* a character that continues the current word */
+    CODIR__NEXT_ALONE      /* a character that is a word by itself (punctuation, CJK) */
+};
+
+/* Reads a text as normalized characters and words, the way Hugging Face's
+   BertNormalizer and BertPreTokenizer do. The normalizer's steps are all per
+   character, so each input character is cleaned and normalized on its own into up to
+   3 output characters. */
 typedef struct codir__word_reader {
     const unsigned char *next;        /* first byte not read yet */
-    int lowercase;                    /* 1: map A-Z to a-z */
+    int lowercase;                    /* 1: strip accents and lowercase */
+    uint32_t pending[3];              /* the normalized form of the last input character */
+    int pending_count, pending_next;  /* pending[pending_next..pending_count) are unread */
+    int pending_alone;                /* 1: each pending character is a word by itself */
+    uint32_t held;                    /* a word-by-itself character read ahead */
+    int has_held;                     /* 1 if held is the start of the next word */
     char word[CODIR__WORD_BYTES];     /* the current word, NUL-terminated, at most
                                          CODIR__MAX_WORD_CHARS characters of it */
     size_t length;                    /* bytes in word */
@@ -4900,61 +7059,125 @@ typedef struct codir__word_reader {
 
 static void codir__word_reader_init(codir__word_reader *reader, const char *text, int lowercase)
 {
+    memset(reader, 0, sizeof *reader);
     reader->next = (const unsigned char *)text;
-    reader->lowercase = lowercase;
-    reader->length = 0;
-    reader->chars = 0;
-    reader->word[0] = '\0';
+    reader->lowercase = lowercase ? 1 : 0;
 }
 
-static void codir__word_append(codir__word_reader *reader, const unsigned char *bytes, int length)
+/* Stores the next normalized character in *c and returns what it is (a CODIR__NEXT_*
+   value). */
+static int codir__next_char(codir__word_reader *reader, uint32_t *c)
 {
-    if (reader->chars < CODIR__MAX_WORD_CHARS) {
-        int i;
-        for (i = 0; i < length; i++) {
-            unsigned char c = bytes[i];
-            if (reader->lowercase && c >= 'A' && c <= 'Z') c = (unsigned char)(c - 'A' + 'a');
-            reader->word[reader->length++] = (char)c;
+    while (reader->pending_next == reader->pending_count) {
+        int length, char_class;
+        uint32_t cp;
+
+        if (*reader->next == '\0') return CODIR__NEXT_END;
+        cp = codir__utf8_decode(reader->next, &length);
+        reader->next += length;
+
+        /* Clean: invalid bytes decode to U+FFFD, which is REMOVED like the controls. */
+        char_class = codir__char_class(cp);
+        if (char_class == CODIR__CHAR_REMOVED) continue;
+        if (char_class == CODIR__CHAR_SPACE) return CODIR__NEXT_BREAK;
+
+        /* Hugging Face puts spaces around a CJK ideograph before stripping accents, so
+           its normalized form (one ideograph) is a word by itself. */
+        reader->pending_alone = codir__is_cjk(cp);
+        reader->pending_next = 0;
+        if (reader->lowercase) {
+            reader->pending_count = codir__uncased_form(cp, reader->pending);
+        } else {
+            reader->pending[0] = cp;
+            reader->pending_count = 1;
         }
     }
+
+    /* Pre-tokenize: punctuation is judged after normalization, as Hugging Face's
+       pre-tokenizer sees the normalized text ("\xE1\xBF\xAF", U+1FEF, becomes "`"). */
+    *c = reader->pending[reader->pending_next++];
+    if (reader->pending_alone || codir__char_class(*c) == CODIR__CHAR_PUNCT) return CODIR__NEXT_ALONE;
+    return CODIR__NEXT_CHAR;
+}
+
+/* Appends c to the word, keeping the first CODIR__MAX_WORD_CHARS characters and
+   counting one more so that a longer word can be recognized. */
+static void codir__word_append(codir__word_reader *reader, uint32_t c)
+{
+    if (reader->chars < CODIR__MAX_WORD_CHARS) reader->length += (size_t)codir__utf8_encode(c, reader->word + reader->length);
     if (reader->chars <= CODIR__MAX_WORD_CHARS) reader->chars++;
 }
 
 /* Stores the next word in reader->word and returns 1, or returns 0 at the end of the
-   text. Punctuation and CJK ideographs come back as one-character words.
-   NOTE: with lowercasing, only ASCII letters are lowercased, and accents are not
-   stripped (BERT's uncased models lowercase all of Unicode, apply NFD and drop
-   combining marks), so U+00C9 (capital E with acute) stays as it is. */
+   text. Punctuation and CJK ideographs come back as one-character words. */
 static int codir__next_word(codir__word_reader *reader)
 {
+    uint32_t c;
+    int kind;
+
     reader->length = 0;
     reader->chars = 0;
-    while (*reader->next != '\0') {
-        const unsigned char *p = reader->next;
-        int length;
-        uint32_t cp = codir__utf8_decode(p, &length);
-
-        if (cp == 0xFFFD || codir__is_control(cp)) {
-            reader->next += length;
-            continue;
+    if (reader->has_held) {
+        reader->has_held = 0;
+        codir__word_append(reader, reader->held);
+    } else {
+        while ((kind = codir__next_char(reader, &c)) != CODIR__NEXT_END) {
+            if (kind == CODIR__NEXT_BREAK) {
+                if (reader->chars > 0) break;
+                continue;
+            }
+            if (kind == CODIR__NEXT_ALONE) {
+                /* End the current word here; the character becomes the next word. */
+                if (reader->chars > 0) {
+                    reader->held = c;
+                    reader->has_held = 1;
+                } else {
+                    codir__word_append(reader, c);
+                }
+                break;
+            }
+            codir__word_append(reader, c);
         }
-        if (codir__is_whitespace(cp)) {
-            reader->next += length;
-            if (reader->chars > 0) break;
-            continue;
-        }
-        if (codir__is_punctuation(cp) || codir__is_cjk(cp)) {
-            /* End the current word here. The character becomes the next word. */
-            if (reader->chars > 0) break;
-            codir__word_append(reader, p, length);
-            reader->next += length;
-            break;
-        }
-        codir__word_append(reader, p, length);
-        reader->next += length;
     }
     reader->word[reader->length] = '\0';
     return reader->chars > 0;
+}
+
+CODIR_DEF int codir_pretokenize(const char *text, int lowercase, char *out, int out_size)
+{
+    codir__word_reader reader;
+    uint32_t c;
+    int kind, in_word = 0, any = 0;
+    size_t length = 0;
+
+    if (!text) return codir__fail(CODIR_ERR_INVALID, "codir_pretokenize: text is NULL");
+    if (out_size < 0 || (out_size > 0 && !out))
+        return codir__fail(CODIR_ERR_INVALID, "codir_pretokenize: out_size is %d with out %s; pass out_size >= 0 "
+                           "and a buffer of that many bytes", out_size, out ? "set" : "NULL");
+
+    codir__word_reader_init(&reader, text, lowercase);
+    while ((kind = codir__next_char(&reader, &c)) != CODIR__NEXT_END) {
+        char bytes[4];
+        int n, i;
+        if (kind == CODIR__NEXT_BREAK) {
+            in_word = 0;
+            continue;
+        }
+        /* A space before each word but the first. */
+        n = 0;
+        if (any && (!in_word || kind == CODIR__NEXT_ALONE)) bytes[n++] = ' ';
+        for (i = 0; i < n; i++, length++)
+            if (length + 1 < (size_t)out_size) out[length] = bytes[i];
+        n = codir__utf8_encode(c, bytes);
+        for (i = 0; i < n; i++, length++)
+            if (length + 1 < (size_t)out_size) out[length] = bytes[i];
+        if (length > (size_t)INT_MAX - 8)
+            return codir__fail(CODIR_ERR_OVERFLOW, "codir_pretokenize: the output exceeds INT_MAX bytes; split the text");
+        any = 1;
+        in_word = kind == CODIR__NEXT_CHAR;
+    }
+    if (out_size > 0) out[length < (size_t)out_size ? length : (size_t)out_size - 1] = '\0';
+    return (int)length;
 }
 
 /* ---- hash tables ---- */
@@ -5340,7 +7563,9 @@ static int codir__wordpiece(const codir_vocab *vocab, const char *word, size_t l
     return count;
 }
 
-CODIR_DEF int codir_tokenize(const codir_vocab *vocab, const char *text, int *ids, int max_ids)
+/* codir_tokenize that stops after the word that brings the piece count to
+   stop_pieces or more; a negative stop_pieces reads the whole text. */
+static int codir__tokenize_until(const codir_vocab *vocab, const char *text, int *ids, int max_ids, int stop_pieces)
 {
     codir__word_reader reader;
     int pieces[CODIR__MAX_WORD_CHARS];
@@ -5353,7 +7578,7 @@ CODIR_DEF int codir_tokenize(const codir_vocab *vocab, const char *text, int *id
                            "and an array of that many ints", max_ids, ids ? "set" : "NULL");
 
     codir__word_reader_init(&reader, text, vocab->lowercase);
-    while (codir__next_word(&reader)) {
+    while ((stop_pieces < 0 || total < stop_pieces) && codir__next_word(&reader)) {
         int count = codir__wordpiece(vocab, reader.word, reader.length, reader.chars, pieces);
         int i;
         if (count == 0) {
@@ -5371,19 +7596,92 @@ CODIR_DEF int codir_tokenize(const codir_vocab *vocab, const char *text, int *id
     return total;
 }
 
+CODIR_DEF int codir_tokenize(const codir_vocab *vocab, const char *text, int *ids, int max_ids)
+{
+    return codir__tokenize_until(vocab, text, ids, max_ids, -1);
+}
+
 CODIR_DEF int codir_encode(const codir_vocab *vocab, const char *text, int *ids, int max_len)
 {
-    int count;
-    if (max_len < 2)
-        return codir__fail(CODIR_ERR_INVALID, "codir_encode: max_len is %d but [CLS] and [SEP] need at least 2",
-                           max_len);
-    if (!ids) return codir__fail(CODIR_ERR_INVALID, "codir_encode: ids is NULL");
-    count = codir_tokenize(vocab, text, ids + 1, max_len - 2);
-    if (count < 0) return count;
-    if (count > max_len - 2) count = max_len - 2;
+    return codir_encode_pair(vocab, text, NULL, ids, NULL, max_len);
+}
+
+/* Splits m = max_len - 3 piece slots between two sides of count_a and count_b pieces
+   the way Hugging Face tokenizers' truncate_encodings does for "longest_first": when
+   both must be cut, the shorter side gets m / 2 and the longer m - m / 2, the first
+   side counting as the shorter on a tie. */
+static void codir__split_longest_first(int count_a, int count_b, int m, int *keep_a, int *keep_b)
+{
+    int shorter, longer_keep;
+
+    if (count_a + count_b <= m) {
+        *keep_a = count_a;
+        *keep_b = count_b;
+        return;
+    }
+    shorter = count_a < count_b ? count_a : count_b;
+    if (shorter <= m - shorter) {
+        /* The shorter side fits whole, and the longer one gets the rest. */
+        longer_keep = m - shorter;
+    } else {
+        /* Both are cut. */
+        shorter = m / 2;
+        longer_keep = m - m / 2;
+    }
+    if (count_a <= count_b) {
+        *keep_a = shorter;
+        *keep_b = longer_keep;
+    } else {
+        *keep_a = longer_keep;
+        *keep_b = shorter;
+    }
+}
+
+CODIR_DEF int codir_encode_pair(const codir_vocab *vocab, const char *a, const char *b, int *ids, int *types,
+                                int max_len)
+{
+    int specials = b ? 3 : 2, m, count_a, count_b = 0, keep_a, keep_b, length, i;
+
+    if (!vocab || !vocab->table || !a)
+        return codir__fail(CODIR_ERR_INVALID, "codir_encode_pair: vocab or text is NULL");
+    if (!ids) return codir__fail(CODIR_ERR_INVALID, "codir_encode_pair: ids is NULL");
+    if (max_len < specials)
+        return codir__fail(CODIR_ERR_INVALID,
+                           "codir_encode_pair: max_len is %d but [CLS]%s need at least %d; raise max_len", max_len,
+                           b ? ", [SEP] and [SEP]" : " and [SEP]", specials);
+    m = max_len - specials;
+
+    /* With truncation on, tokenizers 0.23.2 stops reading a side after the word that
+       brings its piece count to max_len or more, and compares those counts. That
+       decides which side is longer when both are long. (Inferred from the npm
+       package's outputs for sides of 0 to 12 words of one or many pieces with m up to
+       9, and checked by the pair fixture.) The first side is written with room for all
+       m slots. Truncation only shortens it, so the second side goes right after the
+       part that is kept. */
+    count_a = codir__tokenize_until(vocab, a, ids + 1, m, b ? max_len : -1);
+    if (count_a < 0) return count_a;
+    if (b) {
+        count_b = codir__tokenize_until(vocab, b, NULL, 0, max_len);
+        if (count_b < 0) return count_b;
+        codir__split_longest_first(count_a, count_b, m, &keep_a, &keep_b);
+    } else {
+        keep_a = count_a < m ? count_a : m;
+        keep_b = 0;
+    }
+
     ids[0] = vocab->cls_id;
-    ids[count + 1] = vocab->sep_id;
-    return count + 2;
+    ids[keep_a + 1] = vocab->sep_id;
+    length = keep_a + 2;
+    if (b) {
+        int rc = codir__tokenize_until(vocab, b, ids + length, keep_b, max_len);
+        if (rc < 0) return rc;
+        length += keep_b;
+        ids[length++] = vocab->sep_id;
+    }
+    if (types) {
+        for (i = 0; i < length; i++) types[i] = i < keep_a + 2 ? 0 : 1;
+    }
+    return length;
 }
 
 /* ---- vocabulary builder: BPE over word counts ---- */
@@ -6078,40 +8376,165 @@ static int codir__parse_label(const char *s, size_t length)
     return (int)value;
 }
 
-/* Parses the header line and finds the two columns. */
-static int codir__tsv_header(const char *path, const char *line, const char *end, int *fields, int *sentence_column,
-                             int *label_column)
+/* Parses a finite real number that fills the whole field, such as "3.8" or "-1e-2".
+   Returns 1 on success. */
+static int codir__parse_float(const char *s, size_t length, float *value)
 {
-    static const char *const names[2] = {"sentence", "label"};
-    int *columns[2], i;
-    columns[0] = sentence_column;
-    columns[1] = label_column;
-    *fields = codir__tsv_field_count(line, end);
-    for (i = 0; i < 2; i++) {
-        *columns[i] = codir__tsv_column(line, end, *fields, names[i]);
-        if (*columns[i] == -1)
+    char buffer[64], *end;
+    double parsed;
+    if (length == 0 || length >= sizeof buffer) return 0;
+    memcpy(buffer, s, length);
+    buffer[length] = '\0';
+    if (buffer[0] == ' ' || buffer[0] == '\t') return 0;
+    parsed = strtod(buffer, &end);
+    if (*end != '\0' || !(parsed == parsed) || parsed > FLT_MAX || parsed < -FLT_MAX) return 0;
+    *value = (float)parsed;
+    return 1;
+}
+
+CODIR_DEF codir_tsv_options codir_tsv_options_default(void)
+{
+    codir_tsv_options options;
+    memset(&options, 0, sizeof options);
+    options.has_header = 1;
+    options.text_a = "sentence";
+    options.label = "label";
+    options.text_a_index = options.text_b_index = options.label_index = -1;
+    options.label_kind = CODIR_LABEL_IDS;
+    return options;
+}
+
+/* Finds one column: by name in the header when it has one and a name is given, else
+   by index. `role` names the column in messages. Returns the index or a negative
+   error; a column that is not asked for (no name, index -1) returns -1 when
+   `optional` is 1. */
+static int codir__tsv_find_column(const char *path, const char *header, const char *header_end, int fields,
+                                  int has_header, const char *name, int index, const char *role, int optional)
+{
+    if (has_header && name) {
+        int column = codir__tsv_column(header, header_end, fields, name);
+        if (column == -1)
             return codir__fail(CODIR_ERR_PARSE,
                                "%s:1: the header has no column named '%s'; the first line must name the "
                                "columns, e.g. 'sentence<TAB>label'",
-                               path, names[i]);
-        if (*columns[i] == -2)
-            return codir__fail(CODIR_ERR_PARSE, "%s:1: the header names the column '%s' twice", path, names[i]);
+                               path, name);
+        if (column == -2) return codir__fail(CODIR_ERR_PARSE, "%s:1: the header names the column '%s' twice", path, name);
+        return column;
+    }
+    if (index < 0) {
+        if (optional) return -1;
+        return codir__fail(CODIR_ERR_INVALID, "%s: no %s column given; set its name (with a header) or its index",
+                           path, role);
+    }
+    if (index >= fields)
+        return codir__fail(CODIR_ERR_PARSE, "%s:1: the %s column index is %d but the line has %d fields", path, role,
+                           index, fields);
+    return index;
+}
+
+/* Stores the id of a label name in *id: its index in the caller's list, or in the
+   names seen so far (added when new). Returns 0, 1 when a given list lacks the name,
+   or a negative error. */
+static int codir__label_id(const codir_tsv_options *o, codir__strmap *seen, const char *name, size_t length, int *id)
+{
+    int i;
+    if (o->label_names) {
+        for (i = 0; i < o->label_name_count; i++) {
+            if (strlen(o->label_names[i]) == length && memcmp(o->label_names[i], name, length) == 0) {
+                *id = i;
+                return 0;
+            }
+        }
+        return 1;
+    }
+    *id = codir__strmap_find(seen, name, length);
+    if (*id < 0) *id = codir__strmap_append(seen, name, length);
+    return *id < 0 ? *id : 0;
+}
+
+static int codir__compare_strings(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Renumbers the labels so that class names seen in the file are sorted by strcmp,
+   and moves the names into data->label_names. */
+static int codir__sort_label_names(codir_dataset *data, codir__strmap *seen)
+{
+    int *new_id, i;
+    char **sorted;
+    if (seen->count == 0) return 0;
+    new_id = (int *)codir__calloc((size_t)seen->count, sizeof *new_id);
+    sorted = (char **)codir__calloc((size_t)seen->count, sizeof *sorted);
+    if (!new_id || !sorted) {
+        codir__free(new_id);
+        codir__free(sorted);
+        return CODIR_ERR_NOMEM;
+    }
+    memcpy(sorted, seen->keys, (size_t)seen->count * sizeof *sorted);
+    qsort(sorted, (size_t)seen->count, sizeof *sorted, codir__compare_strings);
+    for (i = 0; i < seen->count; i++) new_id[codir__strmap_find(seen, sorted[i], strlen(sorted[i]))] = i;
+    for (i = 0; i < data->count; i++) data->labels[i] = new_id[data->labels[i]];
+    data->label_names = sorted;
+    data->num_classes = seen->count;
+    /* The names now belong to the dataset; only the map's arrays are freed. */
+    codir__free(seen->keys);
+    codir__free(seen->table);
+    memset(seen, 0, sizeof *seen);
+    codir__free(new_id);
+    return 0;
+}
+
+/* Copies the caller's label names into the dataset. */
+static int codir__copy_label_names(codir_dataset *data, const codir_tsv_options *o)
+{
+    int i;
+    data->label_names = (char **)codir__calloc((size_t)o->label_name_count, sizeof *data->label_names);
+    if (!data->label_names) return CODIR_ERR_NOMEM;
+    data->num_classes = o->label_name_count;
+    for (i = 0; i < o->label_name_count; i++) {
+        data->label_names[i] = codir__strndup(o->label_names[i], strlen(o->label_names[i]));
+        if (!data->label_names[i]) return CODIR_ERR_NOMEM;
     }
     return 0;
 }
 
-CODIR_DEF codir_dataset *codir_dataset_load_tsv(const char *path)
+/* Checks the options before the file is read. */
+static int codir__tsv_check_options(const char *path, const codir_tsv_options *o)
+{
+    int i, j;
+    if (o->label_kind != CODIR_LABEL_IDS && o->label_kind != CODIR_LABEL_NAMES && o->label_kind != CODIR_LABEL_FLOAT)
+        return codir__fail(CODIR_ERR_INVALID, "%s: label_kind is %d; use a CODIR_LABEL_* value", path, (int)o->label_kind);
+    if (o->label_names) {
+        if (o->label_kind != CODIR_LABEL_NAMES || o->label_name_count <= 0)
+            return codir__fail(CODIR_ERR_INVALID, "%s: label_names needs label_kind CODIR_LABEL_NAMES and "
+                               "label_name_count > 0 (it is %d)", path, o->label_name_count);
+        for (i = 0; i < o->label_name_count; i++) {
+            if (!o->label_names[i]) return codir__fail(CODIR_ERR_INVALID, "%s: label_names[%d] is NULL", path, i);
+            for (j = 0; j < i; j++) {
+                if (strcmp(o->label_names[i], o->label_names[j]) == 0)
+                    return codir__fail(CODIR_ERR_INVALID, "%s: label name '%s' is listed twice", path, o->label_names[i]);
+            }
+        }
+    }
+    return 0;
+}
+
+CODIR_DEF codir_dataset *codir_dataset_load_tsv_opts(const char *path, const codir_tsv_options *o)
 {
     codir_dataset *data = NULL;
-    char *contents;
-    const char *p, *end, *line_end;
+    codir__strmap seen;
+    char *contents = NULL;
+    const char *p, *end, *line_end, *first_end;
     size_t length, rows = 1;
-    int fields, sentence_column, label_column, line_number, max_label = -1;
+    int fields, column_a, column_b, column_label, line_number, max_label = -1;
 
-    if (!path) {
-        codir__fail(CODIR_ERR_INVALID, "codir_dataset_load_tsv: path is NULL");
+    memset(&seen, 0, sizeof seen);
+    if (!path || !o) {
+        codir__fail(CODIR_ERR_INVALID, "codir_dataset_load_tsv_opts: path or options is NULL");
         return NULL;
     }
+    if (codir__tsv_check_options(path, o) < 0) return NULL;
     contents = codir__read_file(path, "TSV file", &length);
     if (!contents) return NULL;
     end = contents + length;
@@ -6121,23 +8544,32 @@ CODIR_DEF codir_dataset *codir_dataset_load_tsv(const char *path)
        missing final newline harmless. */
     while (end > p && (end[-1] == '\n' || end[-1] == '\r')) end--;
     if (p == end) {
-        codir__fail(CODIR_ERR_PARSE, "%s is empty; expected a header line naming the columns 'sentence' and 'label'",
-                    path);
+        codir__fail(CODIR_ERR_PARSE, "%s is empty; expected %s", path,
+                    o->has_header ? "a header line naming the columns" : "rows");
         goto fail;
     }
 
-    /* Header. */
+    /* The first line sets the field count and, with a header, the column names. */
     line_end = (const char *)memchr(p, '\n', (size_t)(end - p));
     if (!line_end) line_end = end;
-    {
-        const char *header_end = line_end > p && line_end[-1] == '\r' ? line_end - 1 : line_end;
-        if (codir__tsv_header(path, p, header_end, &fields, &sentence_column, &label_column) < 0) goto fail;
+    first_end = line_end > p && line_end[-1] == '\r' ? line_end - 1 : line_end;
+    fields = codir__tsv_field_count(p, first_end);
+    column_a = codir__tsv_find_column(path, p, first_end, fields, o->has_header, o->text_a, o->text_a_index,
+                                      "text", 0);
+    if (column_a < 0) goto fail;
+    column_b = codir__tsv_find_column(path, p, first_end, fields, o->has_header, o->text_b, o->text_b_index,
+                                      "second text", 1);
+    if (column_b < -1) goto fail;
+    column_label = codir__tsv_find_column(path, p, first_end, fields, o->has_header, o->label, o->label_index,
+                                          "label", 0);
+    if (column_label < 0) goto fail;
+    if (o->has_header) {
+        if (line_end == end) {
+            codir__fail(CODIR_ERR_PARSE, "%s has a header but no rows", path);
+            goto fail;
+        }
+        p = line_end + 1;
     }
-    if (line_end == end) {
-        codir__fail(CODIR_ERR_PARSE, "%s has a header but no rows", path);
-        goto fail;
-    }
-    p = line_end + 1;
 
     {
         const char *q;
@@ -6152,12 +8584,23 @@ CODIR_DEF codir_dataset *codir_dataset_load_tsv(const char *path)
     data->texts = (char **)codir__calloc(rows, sizeof *data->texts);
     data->labels = (int *)codir__calloc(rows, sizeof *data->labels);
     if (!data->texts || !data->labels) goto fail;
+    if (column_b >= 0) {
+        data->texts_b = (char **)codir__calloc(rows, sizeof *data->texts_b);
+        if (!data->texts_b) goto fail;
+    }
+    if (o->label_kind == CODIR_LABEL_FLOAT) {
+        data->targets = (float *)codir__calloc(rows, sizeof *data->targets);
+        if (!data->targets) goto fail;
+        data->is_regression = 1;
+    }
 
-    /* Rows: line 1 is the header. */
-    for (line_number = 2;; line_number++) {
+    /* Rows. A row is complete before it is counted, so a failure never leaves half
+       of one behind. */
+    for (line_number = o->has_header ? 2 : 1;; line_number++) {
         const char *row_end, *text, *label_text;
         size_t text_length, label_length;
-        int found, label;
+        int found, label = 0;
+        float target = 0.0f;
 
         line_end = (const char *)memchr(p, '\n', (size_t)(end - p));
         if (!line_end) line_end = end;
@@ -6179,42 +8622,708 @@ CODIR_DEF codir_dataset *codir_dataset_load_tsv(const char *path)
                         line_number);
             goto fail;
         }
-        codir__tsv_field(p, row_end, label_column, &label_text, &label_length);
-        label = codir__parse_label(label_text, label_length);
-        if (label < 0) {
-            codir__fail(CODIR_ERR_PARSE, "%s:%d: invalid label '%.*s'; labels must be integers >= 0", path,
-                        line_number, (int)(label_length > 40 ? 40 : label_length), label_text);
-            goto fail;
+
+        codir__tsv_field(p, row_end, column_label, &label_text, &label_length);
+        if (o->label_kind == CODIR_LABEL_IDS) {
+            label = codir__parse_label(label_text, label_length);
+            if (label < 0) {
+                codir__fail(CODIR_ERR_PARSE, "%s:%d: invalid label '%.*s'; labels must be integers >= 0", path,
+                            line_number, (int)(label_length > 40 ? 40 : label_length), label_text);
+                goto fail;
+            }
+        } else if (o->label_kind == CODIR_LABEL_FLOAT) {
+            if (!codir__parse_float(label_text, label_length, &target)) {
+                codir__fail(CODIR_ERR_PARSE, "%s:%d: invalid label '%.*s'; regression labels must be finite numbers",
+                            path, line_number, (int)(label_length > 40 ? 40 : label_length), label_text);
+                goto fail;
+            }
+        } else {
+            int rc = label_length == 0 ? 1 : codir__label_id(o, &seen, label_text, label_length, &label);
+            if (rc < 0) goto fail;
+            if (rc > 0) {
+                codir__fail(CODIR_ERR_PARSE, "%s:%d: invalid label '%.*s'; expected %s", path, line_number,
+                            (int)(label_length > 40 ? 40 : label_length), label_text,
+                            o->label_names ? "one of the label names given" : "a class name");
+                goto fail;
+            }
         }
-        codir__tsv_field(p, row_end, sentence_column, &text, &text_length);
+
+        codir__tsv_field(p, row_end, column_a, &text, &text_length);
         data->texts[data->count] = codir__strndup(text, text_length);
         if (!data->texts[data->count]) goto fail;
+        if (column_b >= 0) {
+            codir__tsv_field(p, row_end, column_b, &text, &text_length);
+            data->texts_b[data->count] = codir__strndup(text, text_length);
+            if (!data->texts_b[data->count]) {
+                codir__free(data->texts[data->count]);
+                data->texts[data->count] = NULL;
+                goto fail;
+            }
+        }
         data->labels[data->count] = label;
+        if (data->targets) data->targets[data->count] = target;
         data->count++;
         if (label > max_label) max_label = label;
         if (line_end == end) break;
         p = line_end + 1;
     }
-    data->num_classes = max_label + 1;
+
+    if (o->label_kind == CODIR_LABEL_FLOAT) {
+        data->num_classes = 1;
+    } else if (o->label_kind == CODIR_LABEL_NAMES) {
+        if ((o->label_names ? codir__copy_label_names(data, o) : codir__sort_label_names(data, &seen)) < 0) goto fail;
+    } else {
+        data->num_classes = max_label + 1;
+    }
+    codir__strmap_free(&seen);
     codir__free(contents);
     return data;
 
 fail:
+    codir__strmap_free(&seen);
     codir__free(contents);
     codir_dataset_free(data);
     return NULL;
+}
+
+/* The GLUE layouts that codir_dataset_load_tsv recognizes by header. */
+typedef struct codir__glue_layout {
+    const char *task, *text_a, *text_b, *label;
+    codir_label_kind kind;
+    const char *const *names;  /* class names in Hugging Face's GLUE order, or NULL */
+    int name_count;
+} codir__glue_layout;
+
+static const char *const codir__nli2_names[2] = {"entailment", "not_entailment"};
+static const char *const codir__nli3_names[3] = {"entailment", "neutral", "contradiction"};
+
+static const codir__glue_layout codir__glue_layouts[] = {
+    {"MRPC", "#1 String", "#2 String", "Quality", CODIR_LABEL_IDS, NULL, 0},
+    {"QQP", "question1", "question2", "is_duplicate", CODIR_LABEL_IDS, NULL, 0},
+    {"STS-B", "sentence1", "sentence2", "score", CODIR_LABEL_FLOAT, NULL, 0},
+    {"MNLI", "sentence1", "sentence2", "gold_label", CODIR_LABEL_NAMES, codir__nli3_names, 3},
+    {"RTE", "sentence1", "sentence2", "label", CODIR_LABEL_NAMES, codir__nli2_names, 2},
+    {"QNLI", "question", "sentence", "label", CODIR_LABEL_NAMES, codir__nli2_names, 2},
+};
+
+/* Returns 1 if the first line looks like a CoLA row: 4 fields, the second "0" or "1",
+   the third empty or "*". */
+static int codir__looks_like_cola(const char *line, const char *end)
+{
+    const char *label, *mark;
+    size_t label_length, mark_length;
+    if (codir__tsv_field_count(line, end) != 4) return 0;
+    codir__tsv_field(line, end, 1, &label, &label_length);
+    codir__tsv_field(line, end, 2, &mark, &mark_length);
+    return label_length == 1 && (label[0] == '0' || label[0] == '1') &&
+           (mark_length == 0 || (mark_length == 1 && mark[0] == '*'));
+}
+
+CODIR_DEF codir_dataset *codir_dataset_load_tsv(const char *path)
+{
+    codir_tsv_options options = codir_tsv_options_default();
+    char *contents;
+    const char *p, *end, *line_end;
+    size_t length, i;
+
+    if (!path) {
+        codir__fail(CODIR_ERR_INVALID, "codir_dataset_load_tsv: path is NULL");
+        return NULL;
+    }
+
+    /* Read the first line to pick the layout; the full load reads the file again. */
+    contents = codir__read_file(path, "TSV file", &length);
+    if (!contents) return NULL;
+    end = contents + length;
+    p = codir__skip_bom(contents, end);
+    line_end = (const char *)memchr(p, '\n', (size_t)(end - p));
+    if (!line_end) line_end = end;
+    if (line_end > p && line_end[-1] == '\r') line_end--;
+    {
+        int fields = codir__tsv_field_count(p, line_end);
+        for (i = 0; i < sizeof codir__glue_layouts / sizeof codir__glue_layouts[0]; i++) {
+            const codir__glue_layout *layout = &codir__glue_layouts[i];
+            if (codir__tsv_column(p, line_end, fields, layout->text_a) >= 0 &&
+                codir__tsv_column(p, line_end, fields, layout->text_b) >= 0 &&
+                codir__tsv_column(p, line_end, fields, layout->label) >= 0) {
+                options.text_a = layout->text_a;
+                options.text_b = layout->text_b;
+                options.label = layout->label;
+                options.label_kind = layout->kind;
+                options.label_names = layout->names;
+                options.label_name_count = layout->name_count;
+                break;
+            }
+        }
+        if (i == sizeof codir__glue_layouts / sizeof codir__glue_layouts[0] &&
+            codir__tsv_column(p, line_end, fields, "sentence") < 0 && codir__looks_like_cola(p, line_end)) {
+            options.has_header = 0;
+            options.text_a = options.label = NULL;
+            options.text_a_index = 3;
+            options.label_index = 1;
+        }
+    }
+    codir__free(contents);
+
+    /* Anything else is read as SST-2 (sentence, label), whose messages name the
+       missing columns. */
+    return codir_dataset_load_tsv_opts(path, &options);
 }
 
 CODIR_DEF void codir_dataset_free(codir_dataset *data)
 {
     int i;
     if (!data) return;
-    if (data->texts) {
-        for (i = 0; i < data->count; i++) codir__free(data->texts[i]);
+    for (i = 0; i < data->count; i++) {
+        if (data->texts) codir__free(data->texts[i]);
+        if (data->texts_b) codir__free(data->texts_b[i]);
+    }
+    if (data->label_names) {
+        for (i = 0; i < data->num_classes; i++) codir__free(data->label_names[i]);
     }
     codir__free(data->texts);
+    codir__free(data->texts_b);
     codir__free(data->labels);
+    codir__free(data->targets);
+    codir__free(data->label_names);
     codir__free(data);
+}
+
+/* ---- Unicode tables ---- */
+
+/* A run of code points first..last of one class. */
+typedef struct codir__class_run {
+    uint32_t first, last;
+    unsigned char char_class;  /* a CODIR__CHAR_* value */
+} codir__class_run;
+
+/* A run of the uncased map (NFD, drop Mn, lowercase) for characters that map to one
+   character: first, first + stride, ..., last map to `value` when is_delta is 0, and
+   to cp + value when it is 1. The code points between them map to themselves. */
+typedef struct codir__fold_run {
+    uint32_t first, last;
+    unsigned char stride, is_delta;
+    int32_t value;
+} codir__fold_run;
+
+/* A character whose uncased form has two or three characters (0 ends a shorter one). */
+typedef struct codir__fold_multi {
+    uint32_t cp;
+    uint32_t out[3];
+} codir__fold_multi;
+
+/* Hangul syllables decompose by formula (Unicode section 3.12) into a leading
+   consonant, a vowel and an optional trailing consonant. */
+#define CODIR__HANGUL_FIRST 0xAC00u
+#define CODIR__HANGUL_COUNT 11172u
+#define CODIR__HANGUL_VOWELS_TIMES_TRAILS 588u
+#define CODIR__HANGUL_TRAILS 28u
+
+/* The tables themselves, written by tests/fixtures/make_unicode_tables.py. */
+/* BEGIN UNICODE TABLES: Unicode 14.0.0, from Python 3.11's unicodedata. Regenerate them with
+   python3 tests/fixtures/make_unicode_tables.py; do not edit them by hand. */
+
+#define CODIR__UNICODE_VERSION "14.0.0"
+
+/* R: removed (Cc, Cf, Co, NUL, U+FFFD); S: space (Zs, U+2028, U+2029, tab, LF, CR);
+   P: punctuation (P*, ASCII punctuation); M: nonspacing mark (Mn). */
+#define R CODIR__CHAR_REMOVED
+#define S CODIR__CHAR_SPACE
+#define P CODIR__CHAR_PUNCT
+#define M CODIR__CHAR_MARK
+static const codir__class_run codir__class_runs[559] = {
+    {0x0, 0x8, R}, {0x9, 0xA, S}, {0xB, 0xC, R}, {0xD, 0xD, S},
+    {0xE, 0x1F, R}, {0x20, 0x20, S}, {0x21, 0x2F, P}, {0x3A, 0x40, P},
+    {0x5B, 0x60, P}, {0x7B, 0x7E, P}, {0x7F, 0x9F, R}, {0xA0, 0xA0, S},
+    {0xA1, 0xA1, P}, {0xA7, 0xA7, P}, {0xAB, 0xAB, P}, {0xAD, 0xAD, R},
+    {0xB6, 0xB7, P}, {0xBB, 0xBB, P}, {0xBF, 0xBF, P}, {0x300, 0x36F, M},
+    {0x37E, 0x37E, P}, {0x387, 0x387, P}, {0x483, 0x487, M}, {0x55A, 0x55F, P},
+    {0x589, 0x58A, P}, {0x591, 0x5BD, M}, {0x5BE, 0x5BE, P}, {0x5BF, 0x5BF, M},
+    {0x5C0, 0x5C0, P}, {0x5C1, 0x5C2, M}, {0x5C3, 0x5C3, P}, {0x5C4, 0x5C5, M},
+    {0x5C6, 0x5C6, P}, {0x5C7, 0x5C7, M}, {0x5F3, 0x5F4, P}, {0x600, 0x605, R},
+    {0x609, 0x60A, P}, {0x60C, 0x60D, P}, {0x610, 0x61A, M}, {0x61B, 0x61B, P},
+    {0x61C, 0x61C, R}, {0x61D, 0x61F, P}, {0x64B, 0x65F, M}, {0x66A, 0x66D, P},
+    {0x670, 0x670, M}, {0x6D4, 0x6D4, P}, {0x6D6, 0x6DC, M}, {0x6DD, 0x6DD, R},
+    {0x6DF, 0x6E4, M}, {0x6E7, 0x6E8, M}, {0x6EA, 0x6ED, M}, {0x700, 0x70D, P},
+    {0x70F, 0x70F, R}, {0x711, 0x711, M}, {0x730, 0x74A, M}, {0x7A6, 0x7B0, M},
+    {0x7EB, 0x7F3, M}, {0x7F7, 0x7F9, P}, {0x7FD, 0x7FD, M}, {0x816, 0x819, M},
+    {0x81B, 0x823, M}, {0x825, 0x827, M}, {0x829, 0x82D, M}, {0x830, 0x83E, P},
+    {0x859, 0x85B, M}, {0x85E, 0x85E, P}, {0x890, 0x891, R}, {0x898, 0x89F, M},
+    {0x8CA, 0x8E1, M}, {0x8E2, 0x8E2, R}, {0x8E3, 0x902, M}, {0x93A, 0x93A, M},
+    {0x93C, 0x93C, M}, {0x941, 0x948, M}, {0x94D, 0x94D, M}, {0x951, 0x957, M},
+    {0x962, 0x963, M}, {0x964, 0x965, P}, {0x970, 0x970, P}, {0x981, 0x981, M},
+    {0x9BC, 0x9BC, M}, {0x9C1, 0x9C4, M}, {0x9CD, 0x9CD, M}, {0x9E2, 0x9E3, M},
+    {0x9FD, 0x9FD, P}, {0x9FE, 0x9FE, M}, {0xA01, 0xA02, M}, {0xA3C, 0xA3C, M},
+    {0xA41, 0xA42, M}, {0xA47, 0xA48, M}, {0xA4B, 0xA4D, M}, {0xA51, 0xA51, M},
+    {0xA70, 0xA71, M}, {0xA75, 0xA75, M}, {0xA76, 0xA76, P}, {0xA81, 0xA82, M},
+    {0xABC, 0xABC, M}, {0xAC1, 0xAC5, M}, {0xAC7, 0xAC8, M}, {0xACD, 0xACD, M},
+    {0xAE2, 0xAE3, M}, {0xAF0, 0xAF0, P}, {0xAFA, 0xAFF, M}, {0xB01, 0xB01, M},
+    {0xB3C, 0xB3C, M}, {0xB3F, 0xB3F, M}, {0xB41, 0xB44, M}, {0xB4D, 0xB4D, M},
+    {0xB55, 0xB56, M}, {0xB62, 0xB63, M}, {0xB82, 0xB82, M}, {0xBC0, 0xBC0, M},
+    {0xBCD, 0xBCD, M}, {0xC00, 0xC00, M}, {0xC04, 0xC04, M}, {0xC3C, 0xC3C, M},
+    {0xC3E, 0xC40, M}, {0xC46, 0xC48, M}, {0xC4A, 0xC4D, M}, {0xC55, 0xC56, M},
+    {0xC62, 0xC63, M}, {0xC77, 0xC77, P}, {0xC81, 0xC81, M}, {0xC84, 0xC84, P},
+    {0xCBC, 0xCBC, M}, {0xCBF, 0xCBF, M}, {0xCC6, 0xCC6, M}, {0xCCC, 0xCCD, M},
+    {0xCE2, 0xCE3, M}, {0xD00, 0xD01, M}, {0xD3B, 0xD3C, M}, {0xD41, 0xD44, M},
+    {0xD4D, 0xD4D, M}, {0xD62, 0xD63, M}, {0xD81, 0xD81, M}, {0xDCA, 0xDCA, M},
+    {0xDD2, 0xDD4, M}, {0xDD6, 0xDD6, M}, {0xDF4, 0xDF4, P}, {0xE31, 0xE31, M},
+    {0xE34, 0xE3A, M}, {0xE47, 0xE4E, M}, {0xE4F, 0xE4F, P}, {0xE5A, 0xE5B, P},
+    {0xEB1, 0xEB1, M}, {0xEB4, 0xEBC, M}, {0xEC8, 0xECD, M}, {0xF04, 0xF12, P},
+    {0xF14, 0xF14, P}, {0xF18, 0xF19, M}, {0xF35, 0xF35, M}, {0xF37, 0xF37, M},
+    {0xF39, 0xF39, M}, {0xF3A, 0xF3D, P}, {0xF71, 0xF7E, M}, {0xF80, 0xF84, M},
+    {0xF85, 0xF85, P}, {0xF86, 0xF87, M}, {0xF8D, 0xF97, M}, {0xF99, 0xFBC, M},
+    {0xFC6, 0xFC6, M}, {0xFD0, 0xFD4, P}, {0xFD9, 0xFDA, P}, {0x102D, 0x1030, M},
+    {0x1032, 0x1037, M}, {0x1039, 0x103A, M}, {0x103D, 0x103E, M}, {0x104A, 0x104F, P},
+    {0x1058, 0x1059, M}, {0x105E, 0x1060, M}, {0x1071, 0x1074, M}, {0x1082, 0x1082, M},
+    {0x1085, 0x1086, M}, {0x108D, 0x108D, M}, {0x109D, 0x109D, M}, {0x10FB, 0x10FB, P},
+    {0x135D, 0x135F, M}, {0x1360, 0x1368, P}, {0x1400, 0x1400, P}, {0x166E, 0x166E, P},
+    {0x1680, 0x1680, S}, {0x169B, 0x169C, P}, {0x16EB, 0x16ED, P}, {0x1712, 0x1714, M},
+    {0x1732, 0x1733, M}, {0x1735, 0x1736, P}, {0x1752, 0x1753, M}, {0x1772, 0x1773, M},
+    {0x17B4, 0x17B5, M}, {0x17B7, 0x17BD, M}, {0x17C6, 0x17C6, M}, {0x17C9, 0x17D3, M},
+    {0x17D4, 0x17D6, P}, {0x17D8, 0x17DA, P}, {0x17DD, 0x17DD, M}, {0x1800, 0x180A, P},
+    {0x180B, 0x180D, M}, {0x180E, 0x180E, R}, {0x180F, 0x180F, M}, {0x1885, 0x1886, M},
+    {0x18A9, 0x18A9, M}, {0x1920, 0x1922, M}, {0x1927, 0x1928, M}, {0x1932, 0x1932, M},
+    {0x1939, 0x193B, M}, {0x1944, 0x1945, P}, {0x1A17, 0x1A18, M}, {0x1A1B, 0x1A1B, M},
+    {0x1A1E, 0x1A1F, P}, {0x1A56, 0x1A56, M}, {0x1A58, 0x1A5E, M}, {0x1A60, 0x1A60, M},
+    {0x1A62, 0x1A62, M}, {0x1A65, 0x1A6C, M}, {0x1A73, 0x1A7C, M}, {0x1A7F, 0x1A7F, M},
+    {0x1AA0, 0x1AA6, P}, {0x1AA8, 0x1AAD, P}, {0x1AB0, 0x1ABD, M}, {0x1ABF, 0x1ACE, M},
+    {0x1B00, 0x1B03, M}, {0x1B34, 0x1B34, M}, {0x1B36, 0x1B3A, M}, {0x1B3C, 0x1B3C, M},
+    {0x1B42, 0x1B42, M}, {0x1B5A, 0x1B60, P}, {0x1B6B, 0x1B73, M}, {0x1B7D, 0x1B7E, P},
+    {0x1B80, 0x1B81, M}, {0x1BA2, 0x1BA5, M}, {0x1BA8, 0x1BA9, M}, {0x1BAB, 0x1BAD, M},
+    {0x1BE6, 0x1BE6, M}, {0x1BE8, 0x1BE9, M}, {0x1BED, 0x1BED, M}, {0x1BEF, 0x1BF1, M},
+    {0x1BFC, 0x1BFF, P}, {0x1C2C, 0x1C33, M}, {0x1C36, 0x1C37, M}, {0x1C3B, 0x1C3F, P},
+    {0x1C7E, 0x1C7F, P}, {0x1CC0, 0x1CC7, P}, {0x1CD0, 0x1CD2, M}, {0x1CD3, 0x1CD3, P},
+    {0x1CD4, 0x1CE0, M}, {0x1CE2, 0x1CE8, M}, {0x1CED, 0x1CED, M}, {0x1CF4, 0x1CF4, M},
+    {0x1CF8, 0x1CF9, M}, {0x1DC0, 0x1DFF, M}, {0x2000, 0x200A, S}, {0x200B, 0x200F, R},
+    {0x2010, 0x2027, P}, {0x2028, 0x2029, S}, {0x202A, 0x202E, R}, {0x202F, 0x202F, S},
+    {0x2030, 0x2043, P}, {0x2045, 0x2051, P}, {0x2053, 0x205E, P}, {0x205F, 0x205F, S},
+    {0x2060, 0x2064, R}, {0x2066, 0x206F, R}, {0x207D, 0x207E, P}, {0x208D, 0x208E, P},
+    {0x20D0, 0x20DC, M}, {0x20E1, 0x20E1, M}, {0x20E5, 0x20F0, M}, {0x2308, 0x230B, P},
+    {0x2329, 0x232A, P}, {0x2768, 0x2775, P}, {0x27C5, 0x27C6, P}, {0x27E6, 0x27EF, P},
+    {0x2983, 0x2998, P}, {0x29D8, 0x29DB, P}, {0x29FC, 0x29FD, P}, {0x2CEF, 0x2CF1, M},
+    {0x2CF9, 0x2CFC, P}, {0x2CFE, 0x2CFF, P}, {0x2D70, 0x2D70, P}, {0x2D7F, 0x2D7F, M},
+    {0x2DE0, 0x2DFF, M}, {0x2E00, 0x2E2E, P}, {0x2E30, 0x2E4F, P}, {0x2E52, 0x2E5D, P},
+    {0x3000, 0x3000, S}, {0x3001, 0x3003, P}, {0x3008, 0x3011, P}, {0x3014, 0x301F, P},
+    {0x302A, 0x302D, M}, {0x3030, 0x3030, P}, {0x303D, 0x303D, P}, {0x3099, 0x309A, M},
+    {0x30A0, 0x30A0, P}, {0x30FB, 0x30FB, P}, {0xA4FE, 0xA4FF, P}, {0xA60D, 0xA60F, P},
+    {0xA66F, 0xA66F, M}, {0xA673, 0xA673, P}, {0xA674, 0xA67D, M}, {0xA67E, 0xA67E, P},
+    {0xA69E, 0xA69F, M}, {0xA6F0, 0xA6F1, M}, {0xA6F2, 0xA6F7, P}, {0xA802, 0xA802, M},
+    {0xA806, 0xA806, M}, {0xA80B, 0xA80B, M}, {0xA825, 0xA826, M}, {0xA82C, 0xA82C, M},
+    {0xA874, 0xA877, P}, {0xA8C4, 0xA8C5, M}, {0xA8CE, 0xA8CF, P}, {0xA8E0, 0xA8F1, M},
+    {0xA8F8, 0xA8FA, P}, {0xA8FC, 0xA8FC, P}, {0xA8FF, 0xA8FF, M}, {0xA926, 0xA92D, M},
+    {0xA92E, 0xA92F, P}, {0xA947, 0xA951, M}, {0xA95F, 0xA95F, P}, {0xA980, 0xA982, M},
+    {0xA9B3, 0xA9B3, M}, {0xA9B6, 0xA9B9, M}, {0xA9BC, 0xA9BD, M}, {0xA9C1, 0xA9CD, P},
+    {0xA9DE, 0xA9DF, P}, {0xA9E5, 0xA9E5, M}, {0xAA29, 0xAA2E, M}, {0xAA31, 0xAA32, M},
+    {0xAA35, 0xAA36, M}, {0xAA43, 0xAA43, M}, {0xAA4C, 0xAA4C, M}, {0xAA5C, 0xAA5F, P},
+    {0xAA7C, 0xAA7C, M}, {0xAAB0, 0xAAB0, M}, {0xAAB2, 0xAAB4, M}, {0xAAB7, 0xAAB8, M},
+    {0xAABE, 0xAABF, M}, {0xAAC1, 0xAAC1, M}, {0xAADE, 0xAADF, P}, {0xAAEC, 0xAAED, M},
+    {0xAAF0, 0xAAF1, P}, {0xAAF6, 0xAAF6, M}, {0xABE5, 0xABE5, M}, {0xABE8, 0xABE8, M},
+    {0xABEB, 0xABEB, P}, {0xABED, 0xABED, M}, {0xE000, 0xF8FF, R}, {0xFB1E, 0xFB1E, M},
+    {0xFD3E, 0xFD3F, P}, {0xFE00, 0xFE0F, M}, {0xFE10, 0xFE19, P}, {0xFE20, 0xFE2F, M},
+    {0xFE30, 0xFE52, P}, {0xFE54, 0xFE61, P}, {0xFE63, 0xFE63, P}, {0xFE68, 0xFE68, P},
+    {0xFE6A, 0xFE6B, P}, {0xFEFF, 0xFEFF, R}, {0xFF01, 0xFF03, P}, {0xFF05, 0xFF0A, P},
+    {0xFF0C, 0xFF0F, P}, {0xFF1A, 0xFF1B, P}, {0xFF1F, 0xFF20, P}, {0xFF3B, 0xFF3D, P},
+    {0xFF3F, 0xFF3F, P}, {0xFF5B, 0xFF5B, P}, {0xFF5D, 0xFF5D, P}, {0xFF5F, 0xFF65, P},
+    {0xFFF9, 0xFFFB, R}, {0xFFFD, 0xFFFD, R}, {0x10100, 0x10102, P}, {0x101FD, 0x101FD, M},
+    {0x102E0, 0x102E0, M}, {0x10376, 0x1037A, M}, {0x1039F, 0x1039F, P}, {0x103D0, 0x103D0, P},
+    {0x1056F, 0x1056F, P}, {0x10857, 0x10857, P}, {0x1091F, 0x1091F, P}, {0x1093F, 0x1093F, P},
+    {0x10A01, 0x10A03, M}, {0x10A05, 0x10A06, M}, {0x10A0C, 0x10A0F, M}, {0x10A38, 0x10A3A, M},
+    {0x10A3F, 0x10A3F, M}, {0x10A50, 0x10A58, P}, {0x10A7F, 0x10A7F, P}, {0x10AE5, 0x10AE6, M},
+    {0x10AF0, 0x10AF6, P}, {0x10B39, 0x10B3F, P}, {0x10B99, 0x10B9C, P}, {0x10D24, 0x10D27, M},
+    {0x10EAB, 0x10EAC, M}, {0x10EAD, 0x10EAD, P}, {0x10F46, 0x10F50, M}, {0x10F55, 0x10F59, P},
+    {0x10F82, 0x10F85, M}, {0x10F86, 0x10F89, P}, {0x11001, 0x11001, M}, {0x11038, 0x11046, M},
+    {0x11047, 0x1104D, P}, {0x11070, 0x11070, M}, {0x11073, 0x11074, M}, {0x1107F, 0x11081, M},
+    {0x110B3, 0x110B6, M}, {0x110B9, 0x110BA, M}, {0x110BB, 0x110BC, P}, {0x110BD, 0x110BD, R},
+    {0x110BE, 0x110C1, P}, {0x110C2, 0x110C2, M}, {0x110CD, 0x110CD, R}, {0x11100, 0x11102, M},
+    {0x11127, 0x1112B, M}, {0x1112D, 0x11134, M}, {0x11140, 0x11143, P}, {0x11173, 0x11173, M},
+    {0x11174, 0x11175, P}, {0x11180, 0x11181, M}, {0x111B6, 0x111BE, M}, {0x111C5, 0x111C8, P},
+    {0x111C9, 0x111CC, M}, {0x111CD, 0x111CD, P}, {0x111CF, 0x111CF, M}, {0x111DB, 0x111DB, P},
+    {0x111DD, 0x111DF, P}, {0x1122F, 0x11231, M}, {0x11234, 0x11234, M}, {0x11236, 0x11237, M},
+    {0x11238, 0x1123D, P}, {0x1123E, 0x1123E, M}, {0x112A9, 0x112A9, P}, {0x112DF, 0x112DF, M},
+    {0x112E3, 0x112EA, M}, {0x11300, 0x11301, M}, {0x1133B, 0x1133C, M}, {0x11340, 0x11340, M},
+    {0x11366, 0x1136C, M}, {0x11370, 0x11374, M}, {0x11438, 0x1143F, M}, {0x11442, 0x11444, M},
+    {0x11446, 0x11446, M}, {0x1144B, 0x1144F, P}, {0x1145A, 0x1145B, P}, {0x1145D, 0x1145D, P},
+    {0x1145E, 0x1145E, M}, {0x114B3, 0x114B8, M}, {0x114BA, 0x114BA, M}, {0x114BF, 0x114C0, M},
+    {0x114C2, 0x114C3, M}, {0x114C6, 0x114C6, P}, {0x115B2, 0x115B5, M}, {0x115BC, 0x115BD, M},
+    {0x115BF, 0x115C0, M}, {0x115C1, 0x115D7, P}, {0x115DC, 0x115DD, M}, {0x11633, 0x1163A, M},
+    {0x1163D, 0x1163D, M}, {0x1163F, 0x11640, M}, {0x11641, 0x11643, P}, {0x11660, 0x1166C, P},
+    {0x116AB, 0x116AB, M}, {0x116AD, 0x116AD, M}, {0x116B0, 0x116B5, M}, {0x116B7, 0x116B7, M},
+    {0x116B9, 0x116B9, P}, {0x1171D, 0x1171F, M}, {0x11722, 0x11725, M}, {0x11727, 0x1172B, M},
+    {0x1173C, 0x1173E, P}, {0x1182F, 0x11837, M}, {0x11839, 0x1183A, M}, {0x1183B, 0x1183B, P},
+    {0x1193B, 0x1193C, M}, {0x1193E, 0x1193E, M}, {0x11943, 0x11943, M}, {0x11944, 0x11946, P},
+    {0x119D4, 0x119D7, M}, {0x119DA, 0x119DB, M}, {0x119E0, 0x119E0, M}, {0x119E2, 0x119E2, P},
+    {0x11A01, 0x11A0A, M}, {0x11A33, 0x11A38, M}, {0x11A3B, 0x11A3E, M}, {0x11A3F, 0x11A46, P},
+    {0x11A47, 0x11A47, M}, {0x11A51, 0x11A56, M}, {0x11A59, 0x11A5B, M}, {0x11A8A, 0x11A96, M},
+    {0x11A98, 0x11A99, M}, {0x11A9A, 0x11A9C, P}, {0x11A9E, 0x11AA2, P}, {0x11C30, 0x11C36, M},
+    {0x11C38, 0x11C3D, M}, {0x11C3F, 0x11C3F, M}, {0x11C41, 0x11C45, P}, {0x11C70, 0x11C71, P},
+    {0x11C92, 0x11CA7, M}, {0x11CAA, 0x11CB0, M}, {0x11CB2, 0x11CB3, M}, {0x11CB5, 0x11CB6, M},
+    {0x11D31, 0x11D36, M}, {0x11D3A, 0x11D3A, M}, {0x11D3C, 0x11D3D, M}, {0x11D3F, 0x11D45, M},
+    {0x11D47, 0x11D47, M}, {0x11D90, 0x11D91, M}, {0x11D95, 0x11D95, M}, {0x11D97, 0x11D97, M},
+    {0x11EF3, 0x11EF4, M}, {0x11EF7, 0x11EF8, P}, {0x11FFF, 0x11FFF, P}, {0x12470, 0x12474, P},
+    {0x12FF1, 0x12FF2, P}, {0x13430, 0x13438, R}, {0x16A6E, 0x16A6F, P}, {0x16AF0, 0x16AF4, M},
+    {0x16AF5, 0x16AF5, P}, {0x16B30, 0x16B36, M}, {0x16B37, 0x16B3B, P}, {0x16B44, 0x16B44, P},
+    {0x16E97, 0x16E9A, P}, {0x16F4F, 0x16F4F, M}, {0x16F8F, 0x16F92, M}, {0x16FE2, 0x16FE2, P},
+    {0x16FE4, 0x16FE4, M}, {0x1BC9D, 0x1BC9E, M}, {0x1BC9F, 0x1BC9F, P}, {0x1BCA0, 0x1BCA3, R},
+    {0x1CF00, 0x1CF2D, M}, {0x1CF30, 0x1CF46, M}, {0x1D167, 0x1D169, M}, {0x1D173, 0x1D17A, R},
+    {0x1D17B, 0x1D182, M}, {0x1D185, 0x1D18B, M}, {0x1D1AA, 0x1D1AD, M}, {0x1D242, 0x1D244, M},
+    {0x1DA00, 0x1DA36, M}, {0x1DA3B, 0x1DA6C, M}, {0x1DA75, 0x1DA75, M}, {0x1DA84, 0x1DA84, M},
+    {0x1DA87, 0x1DA8B, P}, {0x1DA9B, 0x1DA9F, M}, {0x1DAA1, 0x1DAAF, M}, {0x1E000, 0x1E006, M},
+    {0x1E008, 0x1E018, M}, {0x1E01B, 0x1E021, M}, {0x1E023, 0x1E024, M}, {0x1E026, 0x1E02A, M},
+    {0x1E130, 0x1E136, M}, {0x1E2AE, 0x1E2AE, M}, {0x1E2EC, 0x1E2EF, M}, {0x1E8D0, 0x1E8D6, M},
+    {0x1E944, 0x1E94A, M}, {0x1E95E, 0x1E95F, P}, {0xE0001, 0xE0001, R}, {0xE0020, 0xE007F, R},
+    {0xE0100, 0xE01EF, M}, {0xF0000, 0xFFFFD, R}, {0x100000, 0x10FFFD, R}
+};
+#undef R
+#undef S
+#undef P
+#undef M
+
+/* Uncased forms of one character: {first, last, stride, is_delta, value}. */
+static const codir__fold_run codir__fold_runs[464] = {
+    {0x41, 0x5A, 1, 1, 32}, {0xC0, 0xC5, 1, 0, 0x61}, {0xC6, 0xC6, 1, 0, 0xE6}, {0xC7, 0xC7, 1, 0, 0x63},
+    {0xC8, 0xCB, 1, 0, 0x65}, {0xCC, 0xCF, 1, 0, 0x69}, {0xD0, 0xD0, 1, 0, 0xF0}, {0xD1, 0xD2, 1, 1, -99},
+    {0xD3, 0xD6, 1, 0, 0x6F}, {0xD8, 0xD8, 1, 0, 0xF8}, {0xD9, 0xDC, 1, 0, 0x75}, {0xDD, 0xDD, 1, 0, 0x79},
+    {0xDE, 0xDE, 1, 0, 0xFE}, {0xE0, 0xE5, 1, 0, 0x61}, {0xE7, 0xE7, 1, 0, 0x63}, {0xE8, 0xEB, 1, 0, 0x65},
+    {0xEC, 0xEF, 1, 0, 0x69}, {0xF1, 0xF2, 1, 1, -131}, {0xF3, 0xF6, 1, 0, 0x6F}, {0xF9, 0xFC, 1, 0, 0x75},
+    {0xFD, 0xFF, 2, 0, 0x79}, {0x100, 0x105, 1, 0, 0x61}, {0x106, 0x10D, 1, 0, 0x63}, {0x10E, 0x10F, 1, 0, 0x64},
+    {0x110, 0x110, 1, 0, 0x111}, {0x112, 0x11B, 1, 0, 0x65}, {0x11C, 0x123, 1, 0, 0x67}, {0x124, 0x125, 1, 0, 0x68},
+    {0x126, 0x126, 1, 0, 0x127}, {0x128, 0x130, 1, 0, 0x69}, {0x132, 0x132, 1, 0, 0x133}, {0x134, 0x135, 1, 0, 0x6A},
+    {0x136, 0x137, 1, 0, 0x6B}, {0x139, 0x13E, 1, 0, 0x6C}, {0x13F, 0x141, 2, 1, 1}, {0x143, 0x148, 1, 0, 0x6E},
+    {0x14A, 0x14A, 1, 0, 0x14B}, {0x14C, 0x151, 1, 0, 0x6F}, {0x152, 0x152, 1, 0, 0x153}, {0x154, 0x159, 1, 0, 0x72},
+    {0x15A, 0x161, 1, 0, 0x73}, {0x162, 0x165, 1, 0, 0x74}, {0x166, 0x166, 1, 0, 0x167}, {0x168, 0x173, 1, 0, 0x75},
+    {0x174, 0x175, 1, 0, 0x77}, {0x176, 0x178, 1, 0, 0x79}, {0x179, 0x17E, 1, 0, 0x7A}, {0x181, 0x181, 1, 0, 0x253},
+    {0x182, 0x184, 2, 1, 1}, {0x186, 0x186, 1, 0, 0x254}, {0x187, 0x187, 1, 0, 0x188}, {0x189, 0x18A, 1, 1, 205},
+    {0x18B, 0x18B, 1, 0, 0x18C}, {0x18E, 0x18E, 1, 0, 0x1DD}, {0x18F, 0x18F, 1, 0, 0x259}, {0x190, 0x190, 1, 0, 0x25B},
+    {0x191, 0x191, 1, 0, 0x192}, {0x193, 0x193, 1, 0, 0x260}, {0x194, 0x194, 1, 0, 0x263}, {0x196, 0x196, 1, 0, 0x269},
+    {0x197, 0x197, 1, 0, 0x268}, {0x198, 0x198, 1, 0, 0x199}, {0x19C, 0x19C, 1, 0, 0x26F}, {0x19D, 0x19D, 1, 0, 0x272},
+    {0x19F, 0x19F, 1, 0, 0x275}, {0x1A0, 0x1A1, 1, 0, 0x6F}, {0x1A2, 0x1A4, 2, 1, 1}, {0x1A6, 0x1A6, 1, 0, 0x280},
+    {0x1A7, 0x1A7, 1, 0, 0x1A8}, {0x1A9, 0x1A9, 1, 0, 0x283}, {0x1AC, 0x1AC, 1, 0, 0x1AD}, {0x1AE, 0x1AE, 1, 0, 0x288},
+    {0x1AF, 0x1B0, 1, 0, 0x75}, {0x1B1, 0x1B2, 1, 1, 217}, {0x1B3, 0x1B5, 2, 1, 1}, {0x1B7, 0x1B7, 1, 0, 0x292},
+    {0x1B8, 0x1B8, 1, 0, 0x1B9}, {0x1BC, 0x1BC, 1, 0, 0x1BD}, {0x1C4, 0x1C5, 1, 0, 0x1C6}, {0x1C7, 0x1C8, 1, 0, 0x1C9},
+    {0x1CA, 0x1CB, 1, 0, 0x1CC}, {0x1CD, 0x1CE, 1, 0, 0x61}, {0x1CF, 0x1D0, 1, 0, 0x69}, {0x1D1, 0x1D2, 1, 0, 0x6F},
+    {0x1D3, 0x1DC, 1, 0, 0x75}, {0x1DE, 0x1E1, 1, 0, 0x61}, {0x1E2, 0x1E3, 1, 0, 0xE6}, {0x1E4, 0x1E4, 1, 0, 0x1E5},
+    {0x1E6, 0x1E7, 1, 0, 0x67}, {0x1E8, 0x1E9, 1, 0, 0x6B}, {0x1EA, 0x1ED, 1, 0, 0x6F}, {0x1EE, 0x1EF, 1, 0, 0x292},
+    {0x1F0, 0x1F0, 1, 0, 0x6A}, {0x1F1, 0x1F2, 1, 0, 0x1F3}, {0x1F4, 0x1F5, 1, 0, 0x67}, {0x1F6, 0x1F6, 1, 0, 0x195},
+    {0x1F7, 0x1F7, 1, 0, 0x1BF}, {0x1F8, 0x1F9, 1, 0, 0x6E}, {0x1FA, 0x1FB, 1, 0, 0x61}, {0x1FC, 0x1FD, 1, 0, 0xE6},
+    {0x1FE, 0x1FF, 1, 0, 0xF8}, {0x200, 0x203, 1, 0, 0x61}, {0x204, 0x207, 1, 0, 0x65}, {0x208, 0x20B, 1, 0, 0x69},
+    {0x20C, 0x20F, 1, 0, 0x6F}, {0x210, 0x213, 1, 0, 0x72}, {0x214, 0x217, 1, 0, 0x75}, {0x218, 0x219, 1, 0, 0x73},
+    {0x21A, 0x21B, 1, 0, 0x74}, {0x21C, 0x21C, 1, 0, 0x21D}, {0x21E, 0x21F, 1, 0, 0x68}, {0x220, 0x220, 1, 0, 0x19E},
+    {0x222, 0x224, 2, 1, 1}, {0x226, 0x227, 1, 0, 0x61}, {0x228, 0x229, 1, 0, 0x65}, {0x22A, 0x231, 1, 0, 0x6F},
+    {0x232, 0x233, 1, 0, 0x79}, {0x23A, 0x23A, 1, 0, 0x2C65}, {0x23B, 0x23B, 1, 0, 0x23C}, {0x23D, 0x23D, 1, 0, 0x19A},
+    {0x23E, 0x23E, 1, 0, 0x2C66}, {0x241, 0x241, 1, 0, 0x242}, {0x243, 0x243, 1, 0, 0x180}, {0x244, 0x244, 1, 0, 0x289},
+    {0x245, 0x245, 1, 0, 0x28C}, {0x246, 0x24E, 2, 1, 1}, {0x370, 0x372, 2, 1, 1}, {0x374, 0x374, 1, 0, 0x2B9},
+    {0x376, 0x376, 1, 0, 0x377}, {0x37E, 0x37E, 1, 0, 0x3B}, {0x37F, 0x37F, 1, 0, 0x3F3}, {0x385, 0x385, 1, 0, 0xA8},
+    {0x386, 0x386, 1, 0, 0x3B1}, {0x387, 0x387, 1, 0, 0xB7}, {0x388, 0x388, 1, 0, 0x3B5}, {0x389, 0x389, 1, 0, 0x3B7},
+    {0x38A, 0x38A, 1, 0, 0x3B9}, {0x38C, 0x38C, 1, 0, 0x3BF}, {0x38E, 0x38E, 1, 0, 0x3C5}, {0x38F, 0x38F, 1, 0, 0x3C9},
+    {0x390, 0x390, 1, 0, 0x3B9}, {0x391, 0x3A1, 1, 1, 32}, {0x3A3, 0x3A9, 1, 1, 32}, {0x3AA, 0x3AA, 1, 0, 0x3B9},
+    {0x3AB, 0x3AB, 1, 0, 0x3C5}, {0x3AC, 0x3AC, 1, 0, 0x3B1}, {0x3AD, 0x3AD, 1, 0, 0x3B5}, {0x3AE, 0x3AE, 1, 0, 0x3B7},
+    {0x3AF, 0x3AF, 1, 0, 0x3B9}, {0x3B0, 0x3B0, 1, 0, 0x3C5}, {0x3CA, 0x3CA, 1, 0, 0x3B9}, {0x3CB, 0x3CB, 1, 0, 0x3C5},
+    {0x3CC, 0x3CC, 1, 0, 0x3BF}, {0x3CD, 0x3CD, 1, 0, 0x3C5}, {0x3CE, 0x3CE, 1, 0, 0x3C9}, {0x3CF, 0x3CF, 1, 0, 0x3D7},
+    {0x3D3, 0x3D4, 1, 0, 0x3D2}, {0x3D8, 0x3EE, 2, 1, 1}, {0x3F4, 0x3F4, 1, 0, 0x3B8}, {0x3F7, 0x3F7, 1, 0, 0x3F8},
+    {0x3F9, 0x3F9, 1, 0, 0x3F2}, {0x3FA, 0x3FA, 1, 0, 0x3FB}, {0x3FD, 0x3FF, 1, 1, -130}, {0x400, 0x401, 1, 0, 0x435},
+    {0x402, 0x402, 1, 0, 0x452}, {0x403, 0x403, 1, 0, 0x433}, {0x404, 0x406, 1, 1, 80}, {0x407, 0x407, 1, 0, 0x456},
+    {0x408, 0x40B, 1, 1, 80}, {0x40C, 0x40C, 1, 0, 0x43A}, {0x40D, 0x40D, 1, 0, 0x438}, {0x40E, 0x40E, 1, 0, 0x443},
+    {0x40F, 0x40F, 1, 0, 0x45F}, {0x410, 0x418, 1, 1, 32}, {0x419, 0x419, 1, 0, 0x438}, {0x41A, 0x42F, 1, 1, 32},
+    {0x439, 0x439, 1, 0, 0x438}, {0x450, 0x451, 1, 0, 0x435}, {0x453, 0x453, 1, 0, 0x433}, {0x457, 0x457, 1, 0, 0x456},
+    {0x45C, 0x45C, 1, 0, 0x43A}, {0x45D, 0x45D, 1, 0, 0x438}, {0x45E, 0x45E, 1, 0, 0x443}, {0x460, 0x474, 2, 1, 1},
+    {0x476, 0x477, 1, 0, 0x475}, {0x478, 0x480, 2, 1, 1}, {0x48A, 0x4BE, 2, 1, 1}, {0x4C0, 0x4C0, 1, 0, 0x4CF},
+    {0x4C1, 0x4C2, 1, 0, 0x436}, {0x4C3, 0x4CD, 2, 1, 1}, {0x4D0, 0x4D3, 1, 0, 0x430}, {0x4D4, 0x4D4, 1, 0, 0x4D5},
+    {0x4D6, 0x4D7, 1, 0, 0x435}, {0x4D8, 0x4DA, 2, 0, 0x4D9}, {0x4DB, 0x4DB, 1, 0, 0x4D9}, {0x4DC, 0x4DD, 1, 0, 0x436},
+    {0x4DE, 0x4DF, 1, 0, 0x437}, {0x4E0, 0x4E0, 1, 0, 0x4E1}, {0x4E2, 0x4E5, 1, 0, 0x438}, {0x4E6, 0x4E7, 1, 0, 0x43E},
+    {0x4E8, 0x4EA, 2, 0, 0x4E9}, {0x4EB, 0x4EB, 1, 0, 0x4E9}, {0x4EC, 0x4ED, 1, 0, 0x44D}, {0x4EE, 0x4F3, 1, 0, 0x443},
+    {0x4F4, 0x4F5, 1, 0, 0x447}, {0x4F6, 0x4F6, 1, 0, 0x4F7}, {0x4F8, 0x4F9, 1, 0, 0x44B}, {0x4FA, 0x52E, 2, 1, 1},
+    {0x531, 0x556, 1, 1, 48}, {0x622, 0x623, 1, 0, 0x627}, {0x624, 0x624, 1, 0, 0x648}, {0x625, 0x625, 1, 0, 0x627},
+    {0x626, 0x626, 1, 0, 0x64A}, {0x6C0, 0x6C0, 1, 0, 0x6D5}, {0x6C2, 0x6C2, 1, 0, 0x6C1}, {0x6D3, 0x6D3, 1, 0, 0x6D2},
+    {0x929, 0x929, 1, 0, 0x928}, {0x931, 0x931, 1, 0, 0x930}, {0x934, 0x934, 1, 0, 0x933}, {0x958, 0x95A, 1, 1, -67},
+    {0x95B, 0x95B, 1, 0, 0x91C}, {0x95C, 0x95D, 1, 1, -59}, {0x95E, 0x95E, 1, 0, 0x92B}, {0x95F, 0x95F, 1, 0, 0x92F},
+    {0x9DC, 0x9DD, 1, 1, -59}, {0x9DF, 0x9DF, 1, 0, 0x9AF}, {0xA33, 0xA33, 1, 0, 0xA32}, {0xA36, 0xA36, 1, 0, 0xA38},
+    {0xA59, 0xA5A, 1, 1, -67}, {0xA5B, 0xA5B, 1, 0, 0xA1C}, {0xA5E, 0xA5E, 1, 0, 0xA2B}, {0xB48, 0xB48, 1, 0, 0xB47},
+    {0xB5C, 0xB5D, 1, 1, -59}, {0xCC0, 0xCC0, 1, 0, 0xCD5}, {0xCC7, 0xCC8, 1, 1, 14}, {0xCCA, 0xCCA, 1, 0, 0xCC2},
+    {0xDDA, 0xDDA, 1, 0, 0xDD9}, {0xF43, 0xF43, 1, 0, 0xF42}, {0xF4D, 0xF4D, 1, 0, 0xF4C}, {0xF52, 0xF52, 1, 0, 0xF51},
+    {0xF57, 0xF57, 1, 0, 0xF56}, {0xF5C, 0xF5C, 1, 0, 0xF5B}, {0xF69, 0xF69, 1, 0, 0xF40}, {0x1026, 0x1026, 1, 0, 0x1025},
+    {0x10A0, 0x10C5, 1, 1, 7264}, {0x10C7, 0x10C7, 1, 0, 0x2D27}, {0x10CD, 0x10CD, 1, 0, 0x2D2D}, {0x13A0, 0x13EF, 1, 1, 38864},
+    {0x13F0, 0x13F5, 1, 1, 8}, {0x1B3B, 0x1B3D, 2, 0, 0x1B35}, {0x1B43, 0x1B43, 1, 0, 0x1B35}, {0x1C90, 0x1CBA, 1, 1, -3008},
+    {0x1CBD, 0x1CBF, 1, 1, -3008}, {0x1E00, 0x1E01, 1, 0, 0x61}, {0x1E02, 0x1E07, 1, 0, 0x62}, {0x1E08, 0x1E09, 1, 0, 0x63},
+    {0x1E0A, 0x1E13, 1, 0, 0x64}, {0x1E14, 0x1E1D, 1, 0, 0x65}, {0x1E1E, 0x1E1F, 1, 0, 0x66}, {0x1E20, 0x1E21, 1, 0, 0x67},
+    {0x1E22, 0x1E2B, 1, 0, 0x68}, {0x1E2C, 0x1E2F, 1, 0, 0x69}, {0x1E30, 0x1E35, 1, 0, 0x6B}, {0x1E36, 0x1E3D, 1, 0, 0x6C},
+    {0x1E3E, 0x1E43, 1, 0, 0x6D}, {0x1E44, 0x1E4B, 1, 0, 0x6E}, {0x1E4C, 0x1E53, 1, 0, 0x6F}, {0x1E54, 0x1E57, 1, 0, 0x70},
+    {0x1E58, 0x1E5F, 1, 0, 0x72}, {0x1E60, 0x1E69, 1, 0, 0x73}, {0x1E6A, 0x1E71, 1, 0, 0x74}, {0x1E72, 0x1E7B, 1, 0, 0x75},
+    {0x1E7C, 0x1E7F, 1, 0, 0x76}, {0x1E80, 0x1E89, 1, 0, 0x77}, {0x1E8A, 0x1E8D, 1, 0, 0x78}, {0x1E8E, 0x1E8F, 1, 0, 0x79},
+    {0x1E90, 0x1E95, 1, 0, 0x7A}, {0x1E96, 0x1E96, 1, 0, 0x68}, {0x1E97, 0x1E97, 1, 0, 0x74}, {0x1E98, 0x1E98, 1, 0, 0x77},
+    {0x1E99, 0x1E99, 1, 0, 0x79}, {0x1E9B, 0x1E9B, 1, 0, 0x17F}, {0x1E9E, 0x1E9E, 1, 0, 0xDF}, {0x1EA0, 0x1EB7, 1, 0, 0x61},
+    {0x1EB8, 0x1EC7, 1, 0, 0x65}, {0x1EC8, 0x1ECB, 1, 0, 0x69}, {0x1ECC, 0x1EE3, 1, 0, 0x6F}, {0x1EE4, 0x1EF1, 1, 0, 0x75},
+    {0x1EF2, 0x1EF9, 1, 0, 0x79}, {0x1EFA, 0x1EFE, 2, 1, 1}, {0x1F00, 0x1F0F, 1, 0, 0x3B1}, {0x1F10, 0x1F15, 1, 0, 0x3B5},
+    {0x1F18, 0x1F1D, 1, 0, 0x3B5}, {0x1F20, 0x1F2F, 1, 0, 0x3B7}, {0x1F30, 0x1F3F, 1, 0, 0x3B9}, {0x1F40, 0x1F45, 1, 0, 0x3BF},
+    {0x1F48, 0x1F4D, 1, 0, 0x3BF}, {0x1F50, 0x1F57, 1, 0, 0x3C5}, {0x1F59, 0x1F5F, 2, 0, 0x3C5}, {0x1F60, 0x1F6F, 1, 0, 0x3C9},
+    {0x1F70, 0x1F71, 1, 0, 0x3B1}, {0x1F72, 0x1F73, 1, 0, 0x3B5}, {0x1F74, 0x1F75, 1, 0, 0x3B7}, {0x1F76, 0x1F77, 1, 0, 0x3B9},
+    {0x1F78, 0x1F79, 1, 0, 0x3BF}, {0x1F7A, 0x1F7B, 1, 0, 0x3C5}, {0x1F7C, 0x1F7D, 1, 0, 0x3C9}, {0x1F80, 0x1F8F, 1, 0, 0x3B1},
+    {0x1F90, 0x1F9F, 1, 0, 0x3B7}, {0x1FA0, 0x1FAF, 1, 0, 0x3C9}, {0x1FB0, 0x1FB4, 1, 0, 0x3B1}, {0x1FB6, 0x1FBC, 1, 0, 0x3B1},
+    {0x1FBE, 0x1FBE, 1, 0, 0x3B9}, {0x1FC1, 0x1FC1, 1, 0, 0xA8}, {0x1FC2, 0x1FC4, 1, 0, 0x3B7}, {0x1FC6, 0x1FC7, 1, 0, 0x3B7},
+    {0x1FC8, 0x1FC9, 1, 0, 0x3B5}, {0x1FCA, 0x1FCC, 1, 0, 0x3B7}, {0x1FCD, 0x1FCF, 1, 0, 0x1FBF}, {0x1FD0, 0x1FD3, 1, 0, 0x3B9},
+    {0x1FD6, 0x1FDB, 1, 0, 0x3B9}, {0x1FDD, 0x1FDF, 1, 0, 0x1FFE}, {0x1FE0, 0x1FE3, 1, 0, 0x3C5}, {0x1FE4, 0x1FE5, 1, 0, 0x3C1},
+    {0x1FE6, 0x1FEB, 1, 0, 0x3C5}, {0x1FEC, 0x1FEC, 1, 0, 0x3C1}, {0x1FED, 0x1FEE, 1, 0, 0xA8}, {0x1FEF, 0x1FEF, 1, 0, 0x60},
+    {0x1FF2, 0x1FF4, 1, 0, 0x3C9}, {0x1FF6, 0x1FF7, 1, 0, 0x3C9}, {0x1FF8, 0x1FF9, 1, 0, 0x3BF}, {0x1FFA, 0x1FFC, 1, 0, 0x3C9},
+    {0x1FFD, 0x1FFD, 1, 0, 0xB4}, {0x2126, 0x2126, 1, 0, 0x3C9}, {0x212A, 0x212A, 1, 0, 0x6B}, {0x212B, 0x212B, 1, 0, 0x61},
+    {0x2132, 0x2132, 1, 0, 0x214E}, {0x2160, 0x216F, 1, 1, 16}, {0x2183, 0x2183, 1, 0, 0x2184}, {0x219A, 0x219A, 1, 0, 0x2190},
+    {0x219B, 0x219B, 1, 0, 0x2192}, {0x21AE, 0x21AE, 1, 0, 0x2194}, {0x21CD, 0x21CD, 1, 0, 0x21D0}, {0x21CE, 0x21CE, 1, 0, 0x21D4},
+    {0x21CF, 0x21CF, 1, 0, 0x21D2}, {0x2204, 0x2204, 1, 0, 0x2203}, {0x2209, 0x2209, 1, 0, 0x2208}, {0x220C, 0x220C, 1, 0, 0x220B},
+    {0x2224, 0x2226, 2, 1, -1}, {0x2241, 0x2241, 1, 0, 0x223C}, {0x2244, 0x2244, 1, 0, 0x2243}, {0x2247, 0x2247, 1, 0, 0x2245},
+    {0x2249, 0x2249, 1, 0, 0x2248}, {0x2260, 0x2260, 1, 0, 0x3D}, {0x2262, 0x2262, 1, 0, 0x2261}, {0x226D, 0x226D, 1, 0, 0x224D},
+    {0x226E, 0x226E, 1, 0, 0x3C}, {0x226F, 0x226F, 1, 0, 0x3E}, {0x2270, 0x2271, 1, 1, -12}, {0x2274, 0x2275, 1, 1, -2},
+    {0x2278, 0x2279, 1, 1, -2}, {0x2280, 0x2281, 1, 1, -6}, {0x2284, 0x2285, 1, 1, -2}, {0x2288, 0x2289, 1, 1, -2},
+    {0x22AC, 0x22AC, 1, 0, 0x22A2}, {0x22AD, 0x22AE, 1, 1, -5}, {0x22AF, 0x22AF, 1, 0, 0x22AB}, {0x22E0, 0x22E1, 1, 1, -100},
+    {0x22E2, 0x22E3, 1, 1, -81}, {0x22EA, 0x22ED, 1, 1, -56}, {0x2329, 0x232A, 1, 1, 3295}, {0x24B6, 0x24CF, 1, 1, 26},
+    {0x2ADC, 0x2ADC, 1, 0, 0x2ADD}, {0x2C00, 0x2C2F, 1, 1, 48}, {0x2C60, 0x2C60, 1, 0, 0x2C61}, {0x2C62, 0x2C62, 1, 0, 0x26B},
+    {0x2C63, 0x2C63, 1, 0, 0x1D7D}, {0x2C64, 0x2C64, 1, 0, 0x27D}, {0x2C67, 0x2C6B, 2, 1, 1}, {0x2C6D, 0x2C6D, 1, 0, 0x251},
+    {0x2C6E, 0x2C6E, 1, 0, 0x271}, {0x2C6F, 0x2C6F, 1, 0, 0x250}, {0x2C70, 0x2C70, 1, 0, 0x252}, {0x2C72, 0x2C72, 1, 0, 0x2C73},
+    {0x2C75, 0x2C75, 1, 0, 0x2C76}, {0x2C7E, 0x2C7F, 1, 1, -10815}, {0x2C80, 0x2CE2, 2, 1, 1}, {0x2CEB, 0x2CED, 2, 1, 1},
+    {0x2CF2, 0x2CF2, 1, 0, 0x2CF3}, {0x304C, 0x3062, 2, 1, -1}, {0x3065, 0x3069, 2, 1, -1}, {0x3070, 0x3071, 1, 0, 0x306F},
+    {0x3073, 0x3074, 1, 0, 0x3072}, {0x3076, 0x3077, 1, 0, 0x3075}, {0x3079, 0x307A, 1, 0, 0x3078}, {0x307C, 0x307D, 1, 0, 0x307B},
+    {0x3094, 0x3094, 1, 0, 0x3046}, {0x309E, 0x309E, 1, 0, 0x309D}, {0x30AC, 0x30C2, 2, 1, -1}, {0x30C5, 0x30C9, 2, 1, -1},
+    {0x30D0, 0x30D1, 1, 0, 0x30CF}, {0x30D3, 0x30D4, 1, 0, 0x30D2}, {0x30D6, 0x30D7, 1, 0, 0x30D5}, {0x30D9, 0x30DA, 1, 0, 0x30D8},
+    {0x30DC, 0x30DD, 1, 0, 0x30DB}, {0x30F4, 0x30F4, 1, 0, 0x30A6}, {0x30F7, 0x30FA, 1, 1, -8}, {0x30FE, 0x30FE, 1, 0, 0x30FD},
+    {0xA640, 0xA66C, 2, 1, 1}, {0xA680, 0xA69A, 2, 1, 1}, {0xA722, 0xA72E, 2, 1, 1}, {0xA732, 0xA76E, 2, 1, 1},
+    {0xA779, 0xA77B, 2, 1, 1}, {0xA77D, 0xA77D, 1, 0, 0x1D79}, {0xA77E, 0xA786, 2, 1, 1}, {0xA78B, 0xA78B, 1, 0, 0xA78C},
+    {0xA78D, 0xA78D, 1, 0, 0x265}, {0xA790, 0xA792, 2, 1, 1}, {0xA796, 0xA7A8, 2, 1, 1}, {0xA7AA, 0xA7AA, 1, 0, 0x266},
+    {0xA7AB, 0xA7AB, 1, 0, 0x25C}, {0xA7AC, 0xA7AC, 1, 0, 0x261}, {0xA7AD, 0xA7AD, 1, 0, 0x26C}, {0xA7AE, 0xA7AE, 1, 0, 0x26A},
+    {0xA7B0, 0xA7B0, 1, 0, 0x29E}, {0xA7B1, 0xA7B1, 1, 0, 0x287}, {0xA7B2, 0xA7B2, 1, 0, 0x29D}, {0xA7B3, 0xA7B3, 1, 0, 0xAB53},
+    {0xA7B4, 0xA7C2, 2, 1, 1}, {0xA7C4, 0xA7C4, 1, 0, 0xA794}, {0xA7C5, 0xA7C5, 1, 0, 0x282}, {0xA7C6, 0xA7C6, 1, 0, 0x1D8E},
+    {0xA7C7, 0xA7C9, 2, 1, 1}, {0xA7D0, 0xA7D0, 1, 0, 0xA7D1}, {0xA7D6, 0xA7D8, 2, 1, 1}, {0xA7F5, 0xA7F5, 1, 0, 0xA7F6},
+    {0xFB1D, 0xFB1D, 1, 0, 0x5D9}, {0xFB1F, 0xFB1F, 1, 0, 0x5F2}, {0xFB2A, 0xFB2D, 1, 0, 0x5E9}, {0xFB2E, 0xFB30, 1, 0, 0x5D0},
+    {0xFB31, 0xFB36, 1, 1, -62816}, {0xFB38, 0xFB3C, 1, 1, -62816}, {0xFB3E, 0xFB40, 2, 1, -62816}, {0xFB41, 0xFB43, 2, 1, -62816},
+    {0xFB44, 0xFB46, 2, 1, -62816}, {0xFB47, 0xFB4A, 1, 1, -62816}, {0xFB4B, 0xFB4B, 1, 0, 0x5D5}, {0xFB4C, 0xFB4C, 1, 0, 0x5D1},
+    {0xFB4D, 0xFB4D, 1, 0, 0x5DB}, {0xFB4E, 0xFB4E, 1, 0, 0x5E4}, {0xFF21, 0xFF3A, 1, 1, 32}, {0x10400, 0x10427, 1, 1, 40},
+    {0x104B0, 0x104D3, 1, 1, 40}, {0x10570, 0x1057A, 1, 1, 39}, {0x1057C, 0x1058A, 1, 1, 39}, {0x1058C, 0x10592, 1, 1, 39},
+    {0x10594, 0x10595, 1, 1, 39}, {0x10C80, 0x10CB2, 1, 1, 64}, {0x1109A, 0x1109C, 2, 1, -1}, {0x110AB, 0x110AB, 1, 0, 0x110A5},
+    {0x114BB, 0x114BB, 1, 0, 0x114B9}, {0x118A0, 0x118BF, 1, 1, 32}, {0x16E40, 0x16E5F, 1, 1, 32}, {0x1E900, 0x1E921, 1, 1, 34}
+};
+
+/* Uncased forms of two or three characters, sorted by code point. */
+static const codir__fold_multi codir__fold_multis[43] = {
+    {0x9CB, {0x9C7, 0x9BE, 0x0}}, {0x9CC, {0x9C7, 0x9D7, 0x0}}, {0xB4B, {0xB47, 0xB3E, 0x0}},
+    {0xB4C, {0xB47, 0xB57, 0x0}}, {0xB94, {0xB92, 0xBD7, 0x0}}, {0xBCA, {0xBC6, 0xBBE, 0x0}},
+    {0xBCB, {0xBC7, 0xBBE, 0x0}}, {0xBCC, {0xBC6, 0xBD7, 0x0}}, {0xCCB, {0xCC2, 0xCD5, 0x0}},
+    {0xD4A, {0xD46, 0xD3E, 0x0}}, {0xD4B, {0xD47, 0xD3E, 0x0}}, {0xD4C, {0xD46, 0xD57, 0x0}},
+    {0xDDC, {0xDD9, 0xDCF, 0x0}}, {0xDDD, {0xDD9, 0xDCF, 0x0}}, {0xDDE, {0xDD9, 0xDDF, 0x0}},
+    {0x1B06, {0x1B05, 0x1B35, 0x0}}, {0x1B08, {0x1B07, 0x1B35, 0x0}}, {0x1B0A, {0x1B09, 0x1B35, 0x0}},
+    {0x1B0C, {0x1B0B, 0x1B35, 0x0}}, {0x1B0E, {0x1B0D, 0x1B35, 0x0}}, {0x1B12, {0x1B11, 0x1B35, 0x0}},
+    {0x1B40, {0x1B3E, 0x1B35, 0x0}}, {0x1B41, {0x1B3F, 0x1B35, 0x0}}, {0x1134B, {0x11347, 0x1133E, 0x0}},
+    {0x1134C, {0x11347, 0x11357, 0x0}}, {0x114BC, {0x114B9, 0x114B0, 0x0}}, {0x114BE, {0x114B9, 0x114BD, 0x0}},
+    {0x115BA, {0x115B8, 0x115AF, 0x0}}, {0x115BB, {0x115B9, 0x115AF, 0x0}}, {0x11938, {0x11935, 0x11930, 0x0}},
+    {0x1D15E, {0x1D157, 0x1D165, 0x0}}, {0x1D15F, {0x1D158, 0x1D165, 0x0}}, {0x1D160, {0x1D158, 0x1D165, 0x1D16E}},
+    {0x1D161, {0x1D158, 0x1D165, 0x1D16F}}, {0x1D162, {0x1D158, 0x1D165, 0x1D170}}, {0x1D163, {0x1D158, 0x1D165, 0x1D171}},
+    {0x1D164, {0x1D158, 0x1D165, 0x1D172}}, {0x1D1BB, {0x1D1B9, 0x1D165, 0x0}}, {0x1D1BC, {0x1D1BA, 0x1D165, 0x0}},
+    {0x1D1BD, {0x1D1B9, 0x1D165, 0x1D16E}}, {0x1D1BE, {0x1D1BA, 0x1D165, 0x1D16E}}, {0x1D1BF, {0x1D1B9, 0x1D165, 0x1D16F}},
+    {0x1D1C0, {0x1D1BA, 0x1D165, 0x1D16F}}
+};
+
+/* Uncased forms of U+F900..U+FAD9 (CJK Compatibility Ideographs), 0 for unchanged. */
+static const uint32_t codir__fold_cjk_f900[474] = {
+    0x8C48, 0x66F4, 0x8ECA, 0x8CC8, 0x6ED1, 0x4E32, 0x53E5, 0x9F9C,
+    0x9F9C, 0x5951, 0x91D1, 0x5587, 0x5948, 0x61F6, 0x7669, 0x7F85,
+    0x863F, 0x87BA, 0x88F8, 0x908F, 0x6A02, 0x6D1B, 0x70D9, 0x73DE,
+    0x843D, 0x916A, 0x99F1, 0x4E82, 0x5375, 0x6B04, 0x721B, 0x862D,
+    0x9E1E, 0x5D50, 0x6FEB, 0x85CD, 0x8964, 0x62C9, 0x81D8, 0x881F,
+    0x5ECA, 0x6717, 0x6D6A, 0x72FC, 0x90CE, 0x4F86, 0x51B7, 0x52DE,
+    0x64C4, 0x6AD3, 0x7210, 0x76E7, 0x8001, 0x8606, 0x865C, 0x8DEF,
+    0x9732, 0x9B6F, 0x9DFA, 0x788C, 0x797F, 0x7DA0, 0x83C9, 0x9304,
+    0x9E7F, 0x8AD6, 0x58DF, 0x5F04, 0x7C60, 0x807E, 0x7262, 0x78CA,
+    0x8CC2, 0x96F7, 0x58D8, 0x5C62, 0x6A13, 0x6DDA, 0x6F0F, 0x7D2F,
+    0x7E37, 0x964B, 0x52D2, 0x808B, 0x51DC, 0x51CC, 0x7A1C, 0x7DBE,
+    0x83F1, 0x9675, 0x8B80, 0x62CF, 0x6A02, 0x8AFE, 0x4E39, 0x5BE7,
+    0x6012, 0x7387, 0x7570, 0x5317, 0x78FB, 0x4FBF, 0x5FA9, 0x4E0D,
+    0x6CCC, 0x6578, 0x7D22, 0x53C3, 0x585E, 0x7701, 0x8449, 0x8AAA,
+    0x6BBA, 0x8FB0, 0x6C88, 0x62FE, 0x82E5, 0x63A0, 0x7565, 0x4EAE,
+    0x5169, 0x51C9, 0x6881, 0x7CE7, 0x826F, 0x8AD2, 0x91CF, 0x52F5,
+    0x5442, 0x5973, 0x5EEC, 0x65C5, 0x6FFE, 0x792A, 0x95AD, 0x9A6A,
+    0x9E97, 0x9ECE, 0x529B, 0x66C6, 0x6B77, 0x8F62, 0x5E74, 0x6190,
+    0x6200, 0x649A, 0x6F23, 0x7149, 0x7489, 0x79CA, 0x7DF4, 0x806F,
+    0x8F26, 0x84EE, 0x9023, 0x934A, 0x5217, 0x52A3, 0x54BD, 0x70C8,
+    0x88C2, 0x8AAA, 0x5EC9, 0x5FF5, 0x637B, 0x6BAE, 0x7C3E, 0x7375,
+    0x4EE4, 0x56F9, 0x5BE7, 0x5DBA, 0x601C, 0x73B2, 0x7469, 0x7F9A,
+    0x8046, 0x9234, 0x96F6, 0x9748, 0x9818, 0x4F8B, 0x79AE, 0x91B4,
+    0x96B8, 0x60E1, 0x4E86, 0x50DA, 0x5BEE, 0x5C3F, 0x6599, 0x6A02,
+    0x71CE, 0x7642, 0x84FC, 0x907C, 0x9F8D, 0x6688, 0x962E, 0x5289,
+    0x677B, 0x67F3, 0x6D41, 0x6E9C, 0x7409, 0x7559, 0x786B, 0x7D10,
+    0x985E, 0x516D, 0x622E, 0x9678, 0x502B, 0x5D19, 0x6DEA, 0x8F2A,
+    0x5F8B, 0x6144, 0x6817, 0x7387, 0x9686, 0x5229, 0x540F, 0x5C65,
+    0x6613, 0x674E, 0x68A8, 0x6CE5, 0x7406, 0x75E2, 0x7F79, 0x88CF,
+    0x88E1, 0x91CC, 0x96E2, 0x533F, 0x6EBA, 0x541D, 0x71D0, 0x7498,
+    0x85FA, 0x96A3, 0x9C57, 0x9E9F, 0x6797, 0x6DCB, 0x81E8, 0x7ACB,
+    0x7B20, 0x7C92, 0x72C0, 0x7099, 0x8B58, 0x4EC0, 0x8336, 0x523A,
+    0x5207, 0x5EA6, 0x62D3, 0x7CD6, 0x5B85, 0x6D1E, 0x66B4, 0x8F3B,
+    0x884C, 0x964D, 0x898B, 0x5ED3, 0x5140, 0x55C0, 0x0, 0x0,
+    0x585A, 0x0, 0x6674, 0x0, 0x0, 0x51DE, 0x732A, 0x76CA,
+    0x793C, 0x795E, 0x7965, 0x798F, 0x9756, 0x7CBE, 0x7FBD, 0x0,
+    0x8612, 0x0, 0x8AF8, 0x0, 0x0, 0x9038, 0x90FD, 0x0,
+    0x0, 0x0, 0x98EF, 0x98FC, 0x9928, 0x9DB4, 0x90DE, 0x96B7,
+    0x4FAE, 0x50E7, 0x514D, 0x52C9, 0x52E4, 0x5351, 0x559D, 0x5606,
+    0x5668, 0x5840, 0x58A8, 0x5C64, 0x5C6E, 0x6094, 0x6168, 0x618E,
+    0x61F2, 0x654F, 0x65E2, 0x6691, 0x6885, 0x6D77, 0x6E1A, 0x6F22,
+    0x716E, 0x722B, 0x7422, 0x7891, 0x793E, 0x7949, 0x7948, 0x7950,
+    0x7956, 0x795D, 0x798D, 0x798E, 0x7A40, 0x7A81, 0x7BC0, 0x7DF4,
+    0x7E09, 0x7E41, 0x7F72, 0x8005, 0x81ED, 0x8279, 0x8279, 0x8457,
+    0x8910, 0x8996, 0x8B01, 0x8B39, 0x8CD3, 0x8D08, 0x8FB6, 0x9038,
+    0x96E3, 0x97FF, 0x983B, 0x6075, 0x242EE, 0x8218, 0x0, 0x0,
+    0x4E26, 0x51B5, 0x5168, 0x4F80, 0x5145, 0x5180, 0x52C7, 0x52FA,
+    0x559D, 0x5555, 0x5599, 0x55E2, 0x585A, 0x58B3, 0x5944, 0x5954,
+    0x5A62, 0x5B28, 0x5ED2, 0x5ED9, 0x5F69, 0x5FAD, 0x60D8, 0x614E,
+    0x6108, 0x618E, 0x6160, 0x61F2, 0x6234, 0x63C4, 0x641C, 0x6452,
+    0x6556, 0x6674, 0x6717, 0x671B, 0x6756, 0x6B79, 0x6BBA, 0x6D41,
+    0x6EDB, 0x6ECB, 0x6F22, 0x701E, 0x716E, 0x77A7, 0x7235, 0x72AF,
+    0x732A, 0x7471, 0x7506, 0x753B, 0x761D, 0x761F, 0x76CA, 0x76DB,
+    0x76F4, 0x774A, 0x7740, 0x78CC, 0x7AB1, 0x7BC0, 0x7C7B, 0x7D5B,
+    0x7DF4, 0x7F3E, 0x8005, 0x8352, 0x83EF, 0x8779, 0x8941, 0x8986,
+    0x8996, 0x8ABF, 0x8AF8, 0x8ACB, 0x8B01, 0x8AFE, 0x8AED, 0x8B39,
+    0x8B8A, 0x8D08, 0x8F38, 0x9072, 0x9199, 0x9276, 0x967C, 0x96E3,
+    0x9756, 0x97DB, 0x97FF, 0x980B, 0x983B, 0x9B12, 0x9F9C, 0x2284A,
+    0x22844, 0x233D5, 0x3B9D, 0x4018, 0x4039, 0x25249, 0x25CD0, 0x27ED3,
+    0x9F43, 0x9F8E
+};
+
+/* Uncased forms of U+2F800..U+2FA1D (CJK Compatibility Ideographs Supplement). */
+static const uint32_t codir__fold_cjk_2f800[542] = {
+    0x4E3D, 0x4E38, 0x4E41, 0x20122, 0x4F60, 0x4FAE, 0x4FBB, 0x5002,
+    0x507A, 0x5099, 0x50E7, 0x50CF, 0x349E, 0x2063A, 0x514D, 0x5154,
+    0x5164, 0x5177, 0x2051C, 0x34B9, 0x5167, 0x518D, 0x2054B, 0x5197,
+    0x51A4, 0x4ECC, 0x51AC, 0x51B5, 0x291DF, 0x51F5, 0x5203, 0x34DF,
+    0x523B, 0x5246, 0x5272, 0x5277, 0x3515, 0x52C7, 0x52C9, 0x52E4,
+    0x52FA, 0x5305, 0x5306, 0x5317, 0x5349, 0x5351, 0x535A, 0x5373,
+    0x537D, 0x537F, 0x537F, 0x537F, 0x20A2C, 0x7070, 0x53CA, 0x53DF,
+    0x20B63, 0x53EB, 0x53F1, 0x5406, 0x549E, 0x5438, 0x5448, 0x5468,
+    0x54A2, 0x54F6, 0x5510, 0x5553, 0x5563, 0x5584, 0x5584, 0x5599,
+    0x55AB, 0x55B3, 0x55C2, 0x5716, 0x5606, 0x5717, 0x5651, 0x5674,
+    0x5207, 0x58EE, 0x57CE, 0x57F4, 0x580D, 0x578B, 0x5832, 0x5831,
+    0x58AC, 0x214E4, 0x58F2, 0x58F7, 0x5906, 0x591A, 0x5922, 0x5962,
+    0x216A8, 0x216EA, 0x59EC, 0x5A1B, 0x5A27, 0x59D8, 0x5A66, 0x36EE,
+    0x36FC, 0x5B08, 0x5B3E, 0x5B3E, 0x219C8, 0x5BC3, 0x5BD8, 0x5BE7,
+    0x5BF3, 0x21B18, 0x5BFF, 0x5C06, 0x5F53, 0x5C22, 0x3781, 0x5C60,
+    0x5C6E, 0x5CC0, 0x5C8D, 0x21DE4, 0x5D43, 0x21DE6, 0x5D6E, 0x5D6B,
+    0x5D7C, 0x5DE1, 0x5DE2, 0x382F, 0x5DFD, 0x5E28, 0x5E3D, 0x5E69,
+    0x3862, 0x22183, 0x387C, 0x5EB0, 0x5EB3, 0x5EB6, 0x5ECA, 0x2A392,
+    0x5EFE, 0x22331, 0x22331, 0x8201, 0x5F22, 0x5F22, 0x38C7, 0x232B8,
+    0x261DA, 0x5F62, 0x5F6B, 0x38E3, 0x5F9A, 0x5FCD, 0x5FD7, 0x5FF9,
+    0x6081, 0x393A, 0x391C, 0x6094, 0x226D4, 0x60C7, 0x6148, 0x614C,
+    0x614E, 0x614C, 0x617A, 0x618E, 0x61B2, 0x61A4, 0x61AF, 0x61DE,
+    0x61F2, 0x61F6, 0x6210, 0x621B, 0x625D, 0x62B1, 0x62D4, 0x6350,
+    0x22B0C, 0x633D, 0x62FC, 0x6368, 0x6383, 0x63E4, 0x22BF1, 0x6422,
+    0x63C5, 0x63A9, 0x3A2E, 0x6469, 0x647E, 0x649D, 0x6477, 0x3A6C,
+    0x654F, 0x656C, 0x2300A, 0x65E3, 0x66F8, 0x6649, 0x3B19, 0x6691,
+    0x3B08, 0x3AE4, 0x5192, 0x5195, 0x6700, 0x669C, 0x80AD, 0x43D9,
+    0x6717, 0x671B, 0x6721, 0x675E, 0x6753, 0x233C3, 0x3B49, 0x67FA,
+    0x6785, 0x6852, 0x6885, 0x2346D, 0x688E, 0x681F, 0x6914, 0x3B9D,
+    0x6942, 0x69A3, 0x69EA, 0x6AA8, 0x236A3, 0x6ADB, 0x3C18, 0x6B21,
+    0x238A7, 0x6B54, 0x3C4E, 0x6B72, 0x6B9F, 0x6BBA, 0x6BBB, 0x23A8D,
+    0x21D0B, 0x23AFA, 0x6C4E, 0x23CBC, 0x6CBF, 0x6CCD, 0x6C67, 0x6D16,
+    0x6D3E, 0x6D77, 0x6D41, 0x6D69, 0x6D78, 0x6D85, 0x23D1E, 0x6D34,
+    0x6E2F, 0x6E6E, 0x3D33, 0x6ECB, 0x6EC7, 0x23ED1, 0x6DF9, 0x6F6E,
+    0x23F5E, 0x23F8E, 0x6FC6, 0x7039, 0x701E, 0x701B, 0x3D96, 0x704A,
+    0x707D, 0x7077, 0x70AD, 0x20525, 0x7145, 0x24263, 0x719C, 0x243AB,
+    0x7228, 0x7235, 0x7250, 0x24608, 0x7280, 0x7295, 0x24735, 0x24814,
+    0x737A, 0x738B, 0x3EAC, 0x73A5, 0x3EB8, 0x3EB8, 0x7447, 0x745C,
+    0x7471, 0x7485, 0x74CA, 0x3F1B, 0x7524, 0x24C36, 0x753E, 0x24C92,
+    0x7570, 0x2219F, 0x7610, 0x24FA1, 0x24FB8, 0x25044, 0x3FFC, 0x4008,
+    0x76F4, 0x250F3, 0x250F2, 0x25119, 0x25133, 0x771E, 0x771F, 0x771F,
+    0x774A, 0x4039, 0x778B, 0x4046, 0x4096, 0x2541D, 0x784E, 0x788C,
+    0x78CC, 0x40E3, 0x25626, 0x7956, 0x2569A, 0x256C5, 0x798F, 0x79EB,
+    0x412F, 0x7A40, 0x7A4A, 0x7A4F, 0x2597C, 0x25AA7, 0x25AA7, 0x7AEE,
+    0x4202, 0x25BAB, 0x7BC6, 0x7BC9, 0x4227, 0x25C80, 0x7CD2, 0x42A0,
+    0x7CE8, 0x7CE3, 0x7D00, 0x25F86, 0x7D63, 0x4301, 0x7DC7, 0x7E02,
+    0x7E45, 0x4334, 0x26228, 0x26247, 0x4359, 0x262D9, 0x7F7A, 0x2633E,
+    0x7F95, 0x7FFA, 0x8005, 0x264DA, 0x26523, 0x8060, 0x265A8, 0x8070,
+    0x2335F, 0x43D5, 0x80B2, 0x8103, 0x440B, 0x813E, 0x5AB5, 0x267A7,
+    0x267B5, 0x23393, 0x2339C, 0x8201, 0x8204, 0x8F9E, 0x446B, 0x8291,
+    0x828B, 0x829D, 0x52B3, 0x82B1, 0x82B3, 0x82BD, 0x82E6, 0x26B3C,
+    0x82E5, 0x831D, 0x8363, 0x83AD, 0x8323, 0x83BD, 0x83E7, 0x8457,
+    0x8353, 0x83CA, 0x83CC, 0x83DC, 0x26C36, 0x26D6B, 0x26CD5, 0x452B,
+    0x84F1, 0x84F3, 0x8516, 0x273CA, 0x8564, 0x26F2C, 0x455D, 0x4561,
+    0x26FB1, 0x270D2, 0x456B, 0x8650, 0x865C, 0x8667, 0x8669, 0x86A9,
+    0x8688, 0x870E, 0x86E2, 0x8779, 0x8728, 0x876B, 0x8786, 0x45D7,
+    0x87E1, 0x8801, 0x45F9, 0x8860, 0x8863, 0x27667, 0x88D7, 0x88DE,
+    0x4635, 0x88FA, 0x34BB, 0x278AE, 0x27966, 0x46BE, 0x46C7, 0x8AA0,
+    0x8AED, 0x8B8A, 0x8C55, 0x27CA8, 0x8CAB, 0x8CC1, 0x8D1B, 0x8D77,
+    0x27F2F, 0x20804, 0x8DCB, 0x8DBC, 0x8DF0, 0x208DE, 0x8ED4, 0x8F38,
+    0x285D2, 0x285ED, 0x9094, 0x90F1, 0x9111, 0x2872E, 0x911B, 0x9238,
+    0x92D7, 0x92D8, 0x927C, 0x93F9, 0x9415, 0x28BFA, 0x958B, 0x4995,
+    0x95B7, 0x28D77, 0x49E6, 0x96C3, 0x5DB2, 0x9723, 0x29145, 0x2921A,
+    0x4A6E, 0x4A76, 0x97E0, 0x2940A, 0x4AB2, 0x29496, 0x980B, 0x980B,
+    0x9829, 0x295B6, 0x98E2, 0x4B33, 0x9929, 0x99A7, 0x99C2, 0x99FE,
+    0x4BCE, 0x29B30, 0x9B12, 0x9C40, 0x9CFD, 0x4CCE, 0x4CED, 0x9D67,
+    0x2A0CE, 0x4CF8, 0x2A105, 0x2A20E, 0x2A291, 0x9EBB, 0x4D56, 0x9EF9,
+    0x9EFE, 0x9F05, 0x9F0F, 0x9F16, 0x9F3B, 0x2A600
+};
+
+/* END UNICODE TABLES */
+
+static int codir__char_class(uint32_t cp)
+{
+    size_t low = 0, high = sizeof codir__class_runs / sizeof codir__class_runs[0];
+
+    /* ASCII letters, digits and space first: they are most of the text. */
+    if ((cp >= 'a' && cp <= 'z') || (cp >= 'A' && cp <= 'Z') || (cp >= '0' && cp <= '9')) return CODIR__CHAR_OTHER;
+    if (cp == ' ') return CODIR__CHAR_SPACE;
+
+    /* Binary search for the last run that starts at or before cp. */
+    while (low < high) {
+        size_t mid = low + (high - low) / 2;
+        if (codir__class_runs[mid].first <= cp) low = mid + 1;
+        else high = mid;
+    }
+    if (low == 0 || cp > codir__class_runs[low - 1].last) return CODIR__CHAR_OTHER;
+    return codir__class_runs[low - 1].char_class;
+}
+
+/* Writes the uncased form of cp (up to 3 characters) to out and returns its length,
+   0 for a character of category Mn. */
+static int codir__uncased_form(uint32_t cp, uint32_t *out)
+{
+    size_t low = 0, high = sizeof codir__fold_runs / sizeof codir__fold_runs[0], i;
+
+    if (cp < 0x80) {
+        out[0] = cp >= 'A' && cp <= 'Z' ? cp + 32 : cp;
+        return 1;
+    }
+    if (cp - CODIR__HANGUL_FIRST < CODIR__HANGUL_COUNT) {
+        uint32_t index = cp - CODIR__HANGUL_FIRST, trail = index % CODIR__HANGUL_TRAILS;
+        out[0] = 0x1100 + index / CODIR__HANGUL_VOWELS_TIMES_TRAILS;
+        out[1] = 0x1161 + (index % CODIR__HANGUL_VOWELS_TIMES_TRAILS) / CODIR__HANGUL_TRAILS;
+        if (trail == 0) return 2;
+        out[2] = 0x11A7 + trail;
+        return 3;
+    }
+    if (codir__char_class(cp) == CODIR__CHAR_MARK) return 0;
+    if (cp - 0xF900u < sizeof codir__fold_cjk_f900 / sizeof codir__fold_cjk_f900[0]) {
+        out[0] = codir__fold_cjk_f900[cp - 0xF900u] ? codir__fold_cjk_f900[cp - 0xF900u] : cp;
+        return 1;
+    }
+    if (cp - 0x2F800u < sizeof codir__fold_cjk_2f800 / sizeof codir__fold_cjk_2f800[0]) {
+        out[0] = codir__fold_cjk_2f800[cp - 0x2F800u];
+        return 1;
+    }
+    for (i = 0; i < sizeof codir__fold_multis / sizeof codir__fold_multis[0]; i++) {
+        if (codir__fold_multis[i].cp == cp) {
+            int n = 0;
+            while (n < 3 && codir__fold_multis[i].out[n]) {
+                out[n] = codir__fold_multis[i].out[n];
+                n++;
+            }
+            return n;
+        }
+        if (codir__fold_multis[i].cp > cp) break;  /* sorted by cp */
+    }
+
+    out[0] = cp;
+    while (low < high) {
+        size_t mid = low + (high - low) / 2;
+        if (codir__fold_runs[mid].first <= cp) low = mid + 1;
+        else high = mid;
+    }
+    if (low > 0) {
+        const codir__fold_run *run = &codir__fold_runs[low - 1];
+        if (cp <= run->last && (cp - run->first) % run->stride == 0)
+            out[0] = run->is_delta ? (uint32_t)((int32_t)cp + run->value) : (uint32_t)run->value;
+    }
+    return 1;
 }
 
 /* ===================================================================================
@@ -6224,9 +9333,11 @@ CODIR_DEF void codir_dataset_free(codir_dataset *data)
 CODIR_DEF codir_encoded *codir_encode_dataset(const codir_vocab *vocab, const codir_dataset *data, int max_len)
 {
     codir_encoded *enc;
-    int i;
-    if (max_len < 2) {
-        codir__fail(CODIR_ERR_INVALID, "max_len %d cannot hold [CLS] and [SEP]", max_len);
+    size_t rows = (size_t)(data->count ? data->count : 1);
+    int i, pairs = data->texts_b != NULL;
+    if (max_len < (pairs ? 3 : 2)) {
+        codir__fail(CODIR_ERR_INVALID, "max_len %d cannot hold the special tokens of %s", max_len,
+                    pairs ? "a sentence pair ([CLS] and two [SEP])" : "a sentence ([CLS] and [SEP])");
         return NULL;
     }
     enc = (codir_encoded *)codir__calloc(1, sizeof *enc);
@@ -6234,18 +9345,25 @@ CODIR_DEF codir_encoded *codir_encode_dataset(const codir_vocab *vocab, const co
     enc->count = data->count;
     enc->max_len = max_len;
     enc->num_classes = data->num_classes;
-    enc->lengths = (int *)codir__calloc((size_t)(data->count ? data->count : 1), sizeof(int));
-    enc->labels = (int *)codir__calloc((size_t)(data->count ? data->count : 1), sizeof(int));
-    enc->ids = (int *)codir__calloc((size_t)(data->count ? data->count : 1), (size_t)max_len * sizeof(int));
-    if (!enc->lengths || !enc->labels || !enc->ids) goto fail;
+    enc->lengths = (int *)codir__calloc(rows, sizeof(int));
+    enc->labels = (int *)codir__calloc(rows, sizeof(int));
+    enc->ids = (int *)codir__calloc(rows, (size_t)max_len * sizeof(int));
+    if (pairs) enc->types = (int *)codir__calloc(rows, (size_t)max_len * sizeof(int));
+    if (data->targets) enc->targets = (float *)codir__calloc(rows, sizeof(float));
+    if (!enc->lengths || !enc->labels || !enc->ids || (pairs && !enc->types) || (data->targets && !enc->targets))
+        goto fail;
     for (i = 0; i < data->count; i++) {
-        int n = codir_encode(vocab, data->texts[i], enc->ids + (size_t)i * max_len, max_len);
+        int *ids = enc->ids + (size_t)i * max_len;
+        int n = pairs ? codir_encode_pair(vocab, data->texts[i], data->texts_b[i], ids,
+                                          enc->types + (size_t)i * max_len, max_len)
+                      : codir_encode(vocab, data->texts[i], ids, max_len);
         if (n < 0) {
             codir__fail(n, "example %d: %s", i, codir_last_error());
             goto fail;
         }
         enc->lengths[i] = n;
         enc->labels[i] = data->labels[i];
+        if (enc->targets) enc->targets[i] = data->targets[i];
     }
     return enc;
 
@@ -6450,22 +9568,58 @@ CODIR_DEF int codir_task_accumulate(codir_ctx *ctx, codir_model *model, const co
     return codir_backward_scaled(ctx, loss, weight);
 }
 
-/* Runs the CoDIR forward and backward passes of codir_distill_accumulate; *zt_out
-   receives the teacher projections for the bank update, or NULL when lambda is 0. */
+/* Copies the cache rows of the batch's examples into a new tensor [B, width]. */
+static codir_tensor *codir__cache_rows(codir_ctx *ctx, const float *table, int width, const codir_batch *batch,
+                                       int count)
+{
+    int shape[2], b;
+    codir_tensor *t;
+    shape[0] = batch->batch;
+    shape[1] = width;
+    t = codir_tensor_new(ctx, 2, shape, 0);
+    if (!t) return NULL;
+    for (b = 0; b < batch->batch; b++) {
+        int e = batch->example_ids.data[b];
+        if (e < 0 || e >= count)
+            return codir__op_error(ctx, CODIR_ERR_INVALID, "teacher cache: example id %d is outside the %d cached examples",
+                                   e, count);
+        memcpy(t->data + (size_t)b * width, table + (size_t)e * width, (size_t)width * sizeof(float));
+    }
+    return t;
+}
+
+/* Runs the CoDIR forward and backward passes of codir_distill_accumulate, with the
+   teacher's outputs from the teacher model or, when cache is not NULL, from the cache.
+   *zt_out receives the teacher projections for the bank update, or NULL when lambda
+   is 0. */
 static int codir__distill_backward(codir_ctx *ctx, codir_model *student, const codir_model *teacher,
-                                   codir_distiller *d, const codir_batch *batch, float weight, uint64_t step,
-                                   codir_loss_terms *terms, codir_tensor **zt_out)
+                                   const codir_teacher_cache *cache, codir_distiller *d, const codir_batch *batch,
+                                   float weight, uint64_t step, codir_loss_terms *terms, codir_tensor **zt_out)
 {
     codir_output s_out, t_out;
-    codir_tensor *parts[3] = {NULL, NULL, NULL}, *loss, *zt = NULL;
+    codir_tensor *parts[3] = {NULL, NULL, NULL}, *loss, *zt = NULL, *t_logits, *t_features = NULL;
     float weights[3];
     int rc;
     *zt_out = NULL;
+    weights[0] = 1.0f - d->cfg.beta;
+    weights[1] = d->cfg.beta;
+    weights[2] = d->cfg.lambda;
 
-    /* 1. The frozen teacher: no dropout, no tape. */
+    /* 1. The frozen teacher, no dropout and no tape: run now, or read from the cache. */
     codir_ctx_begin(ctx, 0, 0, step);
-    rc = codir_model_forward(ctx, teacher, batch, &t_out);
-    if (rc) return rc;
+    if (cache) {
+        if (weights[2] != 0.0f && cache->feature_dim != d->student_layers * d->teacher_hidden)
+            return codir__fail(CODIR_ERR_INVALID, "teacher cache holds %d features per example; the distiller needs %d",
+                               cache->feature_dim, d->student_layers * d->teacher_hidden);
+        t_logits = codir__cache_rows(ctx, cache->logits, cache->num_labels, batch, cache->count);
+        if (weights[2] != 0.0f) t_features = codir__cache_rows(ctx, cache->features, cache->feature_dim, batch, cache->count);
+    } else {
+        rc = codir_model_forward(ctx, teacher, batch, &t_out);
+        if (rc) return rc;
+        t_logits = t_out.logits;
+        if (weights[2] != 0.0f) t_features = codir__teacher_features(ctx, d, &t_out, batch);
+    }
+    if (!t_logits || (weights[2] != 0.0f && !t_features)) return ctx->status ? ctx->status : CODIR_ERR_INVALID;
 
     /* 2. The student with dropout, recorded for backward. */
     ctx->recording = 1;
@@ -6476,17 +9630,14 @@ static int codir__distill_backward(codir_ctx *ctx, codir_model *student, const c
     /* 3. L = (1 - beta) L_task + beta L_kd + lambda L_crd, each a batch mean. L_kd is
        T^2 KL(p_t || p_s) for classification and the squared error between student and
        teacher outputs for regression, where there is no distribution to soften. */
-    weights[0] = 1.0f - d->cfg.beta;
-    weights[1] = d->cfg.beta;
-    weights[2] = d->cfg.lambda;
     parts[0] = codir__task_loss(ctx, student, s_out.logits, batch);
     if (weights[1] != 0.0f) {
         if (student->cfg.num_labels == 1)
-            parts[1] = codir_mse(ctx, s_out.logits, t_out.logits ? t_out.logits->data : NULL);
+            parts[1] = codir_mse(ctx, s_out.logits, t_logits->data);
         else
-            parts[1] = codir_kl_div(ctx, s_out.logits, t_out.logits, d->cfg.temperature);
+            parts[1] = codir_kl_div(ctx, s_out.logits, t_logits, d->cfg.temperature);
     }
-    if (weights[2] != 0.0f) parts[2] = codir_crd_loss(ctx, d, &s_out, &t_out, batch, &zt);
+    if (weights[2] != 0.0f) parts[2] = codir__crd_sampled(ctx, d, &s_out, t_features, batch, &zt);
     loss = codir_weighted_sum(ctx, parts, weights, 3);
     if (!loss) return ctx->status;
     terms->task = parts[0]->data[0];
@@ -6506,7 +9657,7 @@ CODIR_DEF int codir_distill_accumulate(codir_ctx *ctx, codir_model *student, con
                                        int update_bank, codir_loss_terms *terms)
 {
     codir_tensor *zt;
-    int rc = codir__distill_backward(ctx, student, teacher, d, batch, weight, step, terms, &zt);
+    int rc = codir__distill_backward(ctx, student, teacher, NULL, d, batch, weight, step, terms, &zt);
     if (rc) return rc;
 
     /* Move the bank rows of this batch toward the new teacher projections. */
@@ -6544,9 +9695,10 @@ CODIR_DEF int codir_task_step(codir_ctx *ctx, codir_model *model, codir_adamw *o
     return CODIR_OK;
 }
 
-CODIR_DEF int codir_distill_step(codir_ctx *ctx, codir_model *student, const codir_model *teacher,
-                                 codir_distiller *d, codir_adamw *opt_student, codir_adamw *opt_heads,
-                                 const codir_batch *batch, float lr, codir_loss_terms *terms)
+/* One CoDIR step with the teacher's outputs from `teacher` or from `cache`. */
+static int codir__distill_step(codir_ctx *ctx, codir_model *student, const codir_model *teacher,
+                               const codir_teacher_cache *cache, codir_distiller *d, codir_adamw *opt_student,
+                               codir_adamw *opt_heads, const codir_batch *batch, float lr, codir_loss_terms *terms)
 {
     uint64_t step = (uint64_t)opt_student->step;
     codir_tensor *zt;
@@ -6554,7 +9706,7 @@ CODIR_DEF int codir_distill_step(codir_ctx *ctx, codir_model *student, const cod
     int rc;
     codir_params_zero_grad(&student->params);
     codir_params_zero_grad(&d->params);
-    rc = codir__distill_backward(ctx, student, teacher, d, batch, 1.0f, step, terms, &zt);
+    rc = codir__distill_backward(ctx, student, teacher, cache, d, batch, 1.0f, step, terms, &zt);
     if (rc) return rc;
     if ((bad = codir__nonfinite_grad(&student->params)) || (bad = codir__nonfinite_grad(&d->params)))
         return codir__fail(CODIR_ERR_NONFINITE, "step %llu: gradient of %s is NaN or Inf", (unsigned long long)step, bad);
@@ -6564,6 +9716,106 @@ CODIR_DEF int codir_distill_step(codir_ctx *ctx, codir_model *student, const cod
     /* The bank moves only after the step succeeded, so a rejected step leaves it as it was. */
     if (zt) codir_bank_update(d, zt->data, batch->example_ids.data, batch->batch);
     return CODIR_OK;
+}
+
+CODIR_DEF int codir_distill_step(codir_ctx *ctx, codir_model *student, const codir_model *teacher,
+                                 codir_distiller *d, codir_adamw *opt_student, codir_adamw *opt_heads,
+                                 const codir_batch *batch, float lr, codir_loss_terms *terms)
+{
+    return codir__distill_step(ctx, student, teacher, NULL, d, opt_student, opt_heads, batch, lr, terms);
+}
+
+CODIR_DEF int codir_distill_step_cached(codir_ctx *ctx, codir_model *student, const codir_teacher_cache *cache,
+                                        codir_distiller *d, codir_adamw *opt_student, codir_adamw *opt_heads,
+                                        const codir_batch *batch, float lr, codir_loss_terms *terms)
+{
+    return codir__distill_step(ctx, student, NULL, cache, d, opt_student, opt_heads, batch, lr, terms);
+}
+
+CODIR_DEF double codir_teacher_cache_bytes(const codir_config *teacher, const codir_distiller *d, int count)
+{
+    double per_example = (double)teacher->num_labels;
+    if (d && d->cfg.lambda != 0.0f) per_example += (double)d->student_layers * teacher->hidden;
+    return per_example * sizeof(float) * count;
+}
+
+CODIR_DEF codir_teacher_cache *codir_teacher_cache_build(codir_ctx *ctx, const codir_model *teacher,
+                                                         const codir_distiller *d, const codir_encoded *enc,
+                                                         int batch_size, double max_bytes)
+{
+    codir_teacher_cache *c;
+    codir_batch batch;
+    double bytes = codir_teacher_cache_bytes(&teacher->cfg, d, enc->count);
+    int start, rc = CODIR_OK, V = teacher->cfg.num_labels, i, len;
+    int *order, *count_by_len;
+    if (max_bytes > 0 && bytes > max_bytes) {
+        codir__fail(CODIR_ERR_NOMEM, "teacher cache of %d examples needs %.1f MiB, over the limit of %.1f MiB",
+                    enc->count, bytes / 1048576.0, max_bytes / 1048576.0);
+        return NULL;
+    }
+    c = (codir_teacher_cache *)codir__calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->count = enc->count;
+    c->num_labels = V;
+    c->feature_dim = d && d->cfg.lambda != 0.0f ? d->student_layers * teacher->cfg.hidden : 0;
+    c->bytes = (size_t)bytes;
+    c->logits = (float *)codir__calloc((size_t)(enc->count ? enc->count : 1), (size_t)V * sizeof(float));
+    if (c->feature_dim)
+        c->features = (float *)codir__calloc((size_t)(enc->count ? enc->count : 1), (size_t)c->feature_dim * sizeof(float));
+    order = (int *)codir__calloc((size_t)(enc->count ? enc->count : 1), sizeof(int));
+    count_by_len = (int *)codir__calloc((size_t)enc->max_len + 2, sizeof(int));
+    if (!c->logits || (c->feature_dim && !c->features) || !order || !count_by_len ||
+        codir_batch_init(&batch, batch_size, enc->max_len)) {
+        codir__free(order);
+        codir__free(count_by_len);
+        codir_teacher_cache_free(c);
+        return NULL;
+    }
+
+    /* Visit the examples sorted by length (a counting sort), so batches carry little
+       padding. */
+    for (i = 0; i < enc->count; i++) count_by_len[enc->lengths[i] + 1]++;
+    for (len = 0; len <= enc->max_len; len++) count_by_len[len + 1] += count_by_len[len];
+    for (i = 0; i < enc->count; i++) order[count_by_len[enc->lengths[i]]++] = i;
+
+    /* One pass over the data, as at evaluation: no dropout, no tape. */
+    for (start = 0; start < enc->count && !rc; start += batch_size) {
+        int n = enc->count - start < batch_size ? enc->count - start : batch_size, b;
+        codir_output out;
+        codir_tensor *ft = NULL;
+        rc = codir_batch_fill(&batch, enc, order, start, n);
+        if (rc) break;
+        codir_ctx_begin(ctx, 0, 0, 0);
+        rc = codir_model_forward(ctx, teacher, &batch, &out);
+        if (!rc && c->feature_dim) {
+            ft = codir__teacher_features(ctx, d, &out, &batch);
+            if (!ft) rc = ctx->status ? ctx->status : CODIR_ERR_INVALID;
+        }
+        if (rc) break;
+        for (b = 0; b < n; b++) {
+            int e = order[start + b];
+            memcpy(c->logits + (size_t)e * V, out.logits->data + (size_t)b * V, (size_t)V * sizeof(float));
+            if (ft)
+                memcpy(c->features + (size_t)e * c->feature_dim, ft->data + (size_t)b * c->feature_dim,
+                       (size_t)c->feature_dim * sizeof(float));
+        }
+    }
+    codir__free(order);
+    codir__free(count_by_len);
+    codir_batch_free(&batch);
+    if (rc) {
+        codir_teacher_cache_free(c);
+        return NULL;
+    }
+    return c;
+}
+
+CODIR_DEF void codir_teacher_cache_free(codir_teacher_cache *cache)
+{
+    if (!cache) return;
+    codir__free(cache->logits);
+    codir__free(cache->features);
+    codir__free(cache);
 }
 
 CODIR_DEF int codir_predict(codir_ctx *ctx, const codir_model *model, const codir_encoded *enc, int batch_size,
@@ -6730,6 +9982,688 @@ done:
     codir__free(out);
     codir__free(pred);
     return rc;
+}
+
+/* ===================================================================================
+   Masked-LM pre-training and CoDIR-Pre (implementation)
+   =================================================================================== */
+
+/* ---- corpus ---- */
+
+/* 1 if line[0..n-1] holds only ASCII whitespace, so it separates documents. */
+static int codir__blank_line(const char *line, size_t n)
+{
+    size_t i;
+    for (i = 0; i < n; i++)
+        if (line[i] != ' ' && line[i] != '\t' && line[i] != '\r' && line[i] != '\v' && line[i] != '\f') return 0;
+    return 1;
+}
+
+CODIR_DEF void codir_corpus_free(codir_corpus *corpus)
+{
+    int i;
+    if (!corpus) return;
+    for (i = 0; i < corpus->num_lines; i++) codir__free(corpus->lines[i]);
+    codir__free(corpus->lines);
+    codir__free(corpus->docs);
+    codir__free(corpus->line_numbers);
+    codir__free(corpus->name);
+    codir__free(corpus);
+}
+
+CODIR_DEF codir_corpus *codir_corpus_parse(const char *text, size_t length, const char *name)
+{
+    codir_corpus *c;
+    size_t pos = 0, lines = 0, i;
+    long line_number = 0;
+    int in_doc = 0;
+    if (!text || !name) {
+        codir__fail(CODIR_ERR_INVALID, "codir_corpus_parse: text or name is NULL");
+        return NULL;
+    }
+    if (length >= 3 && memcmp(text, "\xEF\xBB\xBF", 3) == 0) pos = 3;
+
+    /* Count the lines first, so every array is allocated once. */
+    for (i = pos; i < length; i++) {
+        if (text[i] == '\0') {
+            long at = 1;
+            size_t k;
+            for (k = 0; k < i; k++) at += text[k] == '\n';
+            codir__fail(CODIR_ERR_PARSE, "%s:%ld: contains a NUL byte; a corpus must be UTF-8 text", name, at);
+            return NULL;
+        }
+        if (text[i] == '\n') lines++;
+    }
+    lines++;
+    if (lines > (size_t)INT_MAX) {
+        codir__fail(CODIR_ERR_OVERFLOW, "%s: more than %d lines", name, INT_MAX);
+        return NULL;
+    }
+    c = (codir_corpus *)codir__calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->lines = (char **)codir__calloc(lines, sizeof(char *));
+    c->docs = (int *)codir__calloc(lines, sizeof(int));
+    c->line_numbers = (int *)codir__calloc(lines, sizeof(int));
+    c->name = codir__strndup(name, strlen(name));
+    if (!c->lines || !c->docs || !c->line_numbers || !c->name) goto fail;
+
+    /* One paragraph per line; a blank line closes the current document. */
+    while (pos < length) {
+        const char *start = text + pos, *nl = (const char *)memchr(start, '\n', length - pos);
+        size_t n = nl ? (size_t)(nl - start) : length - pos;
+        pos += n + (nl ? 1 : 0);
+        line_number++;
+        if (n > 0 && start[n - 1] == '\r') n--;
+        if (codir__blank_line(start, n)) {
+            if (in_doc) c->num_docs++;
+            in_doc = 0;
+            continue;
+        }
+        c->lines[c->num_lines] = codir__strndup(start, n);
+        if (!c->lines[c->num_lines]) goto fail;
+        c->docs[c->num_lines] = c->num_docs;
+        c->line_numbers[c->num_lines] = (int)line_number;
+        c->num_lines++;
+        in_doc = 1;
+    }
+    if (in_doc) c->num_docs++;
+    if (c->num_lines == 0) {
+        codir__fail(CODIR_ERR_PARSE, "%s: no text; expected one paragraph per line, documents separated by an empty line",
+                    name);
+        goto fail;
+    }
+    return c;
+
+fail:
+    codir_corpus_free(c);
+    return NULL;
+}
+
+CODIR_DEF codir_corpus *codir_corpus_load(const char *path)
+{
+    FILE *f;
+    char *data = NULL;
+    size_t length = 0, cap = 0;
+    codir_corpus *c;
+    if (!path) {
+        codir__fail(CODIR_ERR_INVALID, "codir_corpus_load: path is NULL");
+        return NULL;
+    }
+    f = fopen(path, "rb");
+    if (!f) {
+        codir__fail(CODIR_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+        return NULL;
+    }
+
+    /* Read in growing blocks: C11 has no portable way to ask for a file's size. */
+    for (;;) {
+        size_t got;
+        if (length == cap) {
+            size_t grown = cap ? cap * 2 : (size_t)1 << 16;
+            char *bigger;
+            if (grown < cap) {
+                codir__fail(CODIR_ERR_OVERFLOW, "%s is too large to read into memory", path);
+                break;
+            }
+            bigger = (char *)codir__realloc(data, grown);
+            if (!bigger) break;
+            data = bigger;
+            cap = grown;
+        }
+        got = fread(data + length, 1, cap - length, f);
+        length += got;
+        if (got == 0) break;
+    }
+    if (ferror(f) || length < cap) {
+        int failed = ferror(f);
+        fclose(f);
+        if (failed) {
+            codir__free(data);
+            codir__fail(CODIR_ERR_IO, "reading %s failed", path);
+            return NULL;
+        }
+    } else {
+        /* The loop above stopped on an allocation failure. */
+        fclose(f);
+        codir__free(data);
+        return NULL;
+    }
+    c = codir_corpus_parse(data, length, path);
+    codir__free(data);
+    return c;
+}
+
+/* ---- segments ---- */
+
+/* Plans segments over the corpus' pieces, which lie line after line in one array with
+   line i at [line_start[i], line_start[i + 1]). Every segment is a contiguous range of
+   that array, because its lines are consecutive. Writes the ranges and documents to
+   begin, end and doc when they are not NULL, and returns the number of segments. */
+static size_t codir__plan_segments(const codir_corpus *corpus, const size_t *line_start, int room, size_t *begin,
+                                   size_t *end, int *doc)
+{
+    size_t count = 0, open_begin = 0;
+    int i, fill = 0, open_doc = -1;
+
+    for (i = 0; i < corpus->num_lines; i++) {
+        size_t next = line_start[i], stop = line_start[i + 1];
+
+        /* A new document, or a line that does not fit in the room left, closes the
+           open segment. */
+        if (fill > 0 && (corpus->docs[i] != open_doc || (size_t)fill + (stop - next) > (size_t)room)) {
+            if (begin) {
+                begin[count] = open_begin;
+                end[count] = open_begin + (size_t)fill;
+                doc[count] = open_doc;
+            }
+            count++;
+            fill = 0;
+        }
+
+        /* Add the line; a line longer than a segment fills whole segments. */
+        while (next < stop) {
+            size_t take = stop - next < (size_t)(room - fill) ? stop - next : (size_t)(room - fill);
+            if (fill == 0) {
+                open_begin = next;
+                open_doc = corpus->docs[i];
+            }
+            fill += (int)take;
+            next += take;
+            if (fill == room) {
+                if (begin) {
+                    begin[count] = open_begin;
+                    end[count] = open_begin + (size_t)fill;
+                    doc[count] = open_doc;
+                }
+                count++;
+                fill = 0;
+            }
+        }
+    }
+    if (fill > 0) {
+        if (begin) {
+            begin[count] = open_begin;
+            end[count] = open_begin + (size_t)fill;
+            doc[count] = open_doc;
+        }
+        count++;
+    }
+    return count;
+}
+
+/* Tokenizes every line of the corpus into one array; *line_start_out receives
+   [num_lines + 1] offsets into it. */
+static int codir__tokenize_corpus(const codir_vocab *vocab, const codir_corpus *corpus, int **pieces_out,
+                                  size_t **line_start_out)
+{
+    size_t cap = 1 << 16, used = 0;
+    int *pieces = (int *)codir__calloc(cap, sizeof(int));
+    size_t *line_start = (size_t *)codir__calloc((size_t)corpus->num_lines + 1, sizeof(size_t));
+    int i;
+    if (!pieces || !line_start) goto fail;
+    for (i = 0; i < corpus->num_lines; i++) {
+        int room = cap - used > (size_t)INT_MAX ? INT_MAX : (int)(cap - used);
+        int n = codir_tokenize(vocab, corpus->lines[i], pieces + used, room);
+        line_start[i] = used;
+        if (n < 0) {
+            codir__fail(n, "%s:%d: tokenizing failed: %s", corpus->name, corpus->line_numbers[i], codir_last_error());
+            goto fail;
+        }
+        if ((size_t)n > cap - used) {
+            /* Grow to fit this line and tokenize it again. */
+            size_t need = used + (size_t)n, grown = cap;
+            int *bigger;
+            while (grown < need) {
+                if (grown > SIZE_MAX / 2 / sizeof(int)) {
+                    codir__fail(CODIR_ERR_OVERFLOW, "%s: too many pieces to hold in memory", corpus->name);
+                    goto fail;
+                }
+                grown *= 2;
+            }
+            bigger = (int *)codir__realloc(pieces, grown * sizeof(int));
+            if (!bigger) goto fail;
+            pieces = bigger;
+            cap = grown;
+            codir_tokenize(vocab, corpus->lines[i], pieces + used, n);
+        }
+        used += (size_t)n;
+    }
+    line_start[corpus->num_lines] = used;
+    *pieces_out = pieces;
+    *line_start_out = line_start;
+    return CODIR_OK;
+
+fail:
+    codir__free(pieces);
+    codir__free(line_start);
+    return codir_last_error()[0] ? CODIR_ERR_INVALID : CODIR_ERR_NOMEM;
+}
+
+CODIR_DEF codir_encoded *codir_segment_corpus(const codir_vocab *vocab, const codir_corpus *corpus, int max_len)
+{
+    codir_encoded *enc = NULL;
+    int *pieces = NULL, *doc = NULL;
+    size_t *line_start = NULL, *begin = NULL, *end = NULL, count, s, ids_n;
+    if (!vocab || !corpus) {
+        codir__fail(CODIR_ERR_INVALID, "codir_segment_corpus: vocab or corpus is NULL");
+        return NULL;
+    }
+    if (max_len < 3) {
+        codir__fail(CODIR_ERR_INVALID, "segment length %d cannot hold [CLS], one piece and [SEP]; use at least 3",
+                    max_len);
+        return NULL;
+    }
+    codir_clear_error();
+    if (codir__tokenize_corpus(vocab, corpus, &pieces, &line_start)) return NULL;
+
+    /* Count the segments, then record their ranges. */
+    count = codir__plan_segments(corpus, line_start, max_len - 2, NULL, NULL, NULL);
+    if (count == 0) {
+        codir__fail(CODIR_ERR_PARSE, "%s: no segments, because no line has a WordPiece piece", corpus->name);
+        goto done;
+    }
+    if (count > (size_t)INT_MAX || !codir__size_mul(count, (size_t)max_len, &ids_n)) {
+        codir__fail(CODIR_ERR_OVERFLOW, "%s: %zu segments of %d tokens overflow the index range", corpus->name, count,
+                    max_len);
+        goto done;
+    }
+    begin = (size_t *)codir__calloc(count, sizeof(size_t));
+    end = (size_t *)codir__calloc(count, sizeof(size_t));
+    doc = (int *)codir__calloc(count, sizeof(int));
+    enc = (codir_encoded *)codir__calloc(1, sizeof *enc);
+    if (!begin || !end || !doc || !enc) goto fail;
+    codir__plan_segments(corpus, line_start, max_len - 2, begin, end, doc);
+
+    /* [CLS] pieces [SEP], padded with [PAD] to the row stride. */
+    enc->count = (int)count;
+    enc->max_len = max_len;
+    enc->num_classes = corpus->num_docs;
+    enc->lengths = (int *)codir__calloc(count, sizeof(int));
+    enc->labels = (int *)codir__calloc(count, sizeof(int));
+    enc->ids = (int *)codir__calloc(ids_n, sizeof(int));
+    if (!enc->lengths || !enc->labels || !enc->ids) goto fail;
+    for (s = 0; s < count; s++) {
+        int *row = enc->ids + s * (size_t)max_len, n = (int)(end[s] - begin[s]), t;
+        row[0] = vocab->cls_id;
+        memcpy(row + 1, pieces + begin[s], (size_t)n * sizeof(int));
+        row[n + 1] = vocab->sep_id;
+        for (t = n + 2; t < max_len; t++) row[t] = vocab->pad_id;
+        enc->lengths[s] = n + 2;
+        enc->labels[s] = doc[s];
+    }
+    goto done;
+
+fail:
+    codir_encoded_free(enc);
+    enc = NULL;
+done:
+    if (!enc) {
+        codir_encoded_free(enc);
+        enc = NULL;
+    }
+    codir__free(pieces);
+    codir__free(line_start);
+    codir__free(begin);
+    codir__free(end);
+    codir__free(doc);
+    return enc;
+}
+
+/* ---- masking ---- */
+
+CODIR_DEF codir_mlm_config codir_mlm_config_default(const codir_vocab *vocab)
+{
+    codir_mlm_config cfg;
+    cfg.select_prob = 0.15f;
+    cfg.mask_prob = 0.8f;
+    cfg.random_prob = 0.1f;
+    cfg.vocab_size = vocab->size;
+    cfg.mask_id = vocab->mask_id;
+    cfg.special_ids[0] = vocab->pad_id;
+    cfg.special_ids[1] = vocab->unk_id;
+    cfg.special_ids[2] = vocab->cls_id;
+    cfg.special_ids[3] = vocab->sep_id;
+    cfg.special_ids[4] = vocab->mask_id;
+    return cfg;
+}
+
+CODIR_DEF int codir_mlm_batch_init(codir_mlm_batch *mb, int max_batch, int max_len)
+{
+    size_t n;
+    memset(mb, 0, sizeof *mb);
+    if (max_batch < 1 || max_len < 1)
+        return codir__fail(CODIR_ERR_INVALID, "batch size %d and length %d must be positive", max_batch, max_len);
+    if (!codir__size_mul((size_t)max_batch, (size_t)max_len, &n) || n > (size_t)INT_MAX)
+        return codir__fail(CODIR_ERR_OVERFLOW, "masked batch of %d x %d tokens is too large", max_batch, max_len);
+    mb->masked_ids = (int *)codir__calloc(n, sizeof(int));
+    mb->positions = (int *)codir__calloc(n, sizeof(int));
+    mb->targets = (int *)codir__calloc(n, sizeof(int));
+    if (!mb->masked_ids || !mb->positions || !mb->targets) {
+        codir_mlm_batch_free(mb);
+        return CODIR_ERR_NOMEM;
+    }
+    mb->capacity = n;
+    return CODIR_OK;
+}
+
+CODIR_DEF void codir_mlm_batch_free(codir_mlm_batch *mb)
+{
+    codir__free(mb->masked_ids);
+    codir__free(mb->positions);
+    codir__free(mb->targets);
+    memset(mb, 0, sizeof *mb);
+}
+
+/* 1 if id is one of the special ids of cfg. */
+static int codir__mlm_special(const codir_mlm_config *cfg, int id)
+{
+    int k;
+    for (k = 0; k < 5; k++)
+        if (cfg->special_ids[k] == id) return 1;
+    return 0;
+}
+
+/* Sorts the distinct special ids of cfg into sorted[] and returns how many there are. */
+static int codir__mlm_sorted_specials(const codir_mlm_config *cfg, int *sorted)
+{
+    int n = 0, k, j;
+    for (k = 0; k < 5; k++) {
+        int id = cfg->special_ids[k], dup = 0;
+        if (id < 0) continue;
+        for (j = 0; j < n; j++) dup |= sorted[j] == id;
+        if (dup) continue;
+        for (j = n; j > 0 && sorted[j - 1] > id; j--) sorted[j] = sorted[j - 1];
+        sorted[j] = id;
+        n++;
+    }
+    return n;
+}
+
+static int codir__mlm_check(const codir_mlm_config *cfg, int num_special)
+{
+    int k;
+    if (!(cfg->select_prob > 0.0f && cfg->select_prob <= 1.0f))
+        return codir__fail(CODIR_ERR_INVALID, "masked-LM selection rate %g must be in (0, 1]", (double)cfg->select_prob);
+    if (!(cfg->mask_prob >= 0.0f && cfg->random_prob >= 0.0f && cfg->mask_prob + cfg->random_prob <= 1.0f))
+        return codir__fail(CODIR_ERR_INVALID,
+                           "masked-LM replacement rates (mask %g, random %g) must be >= 0 with a sum of at most 1",
+                           (double)cfg->mask_prob, (double)cfg->random_prob);
+    if (cfg->mask_id < 0 || cfg->mask_id >= cfg->vocab_size)
+        return codir__fail(CODIR_ERR_INVALID, "[MASK] id %d is outside the vocabulary of %d", cfg->mask_id,
+                           cfg->vocab_size);
+    for (k = 0; k < 5; k++)
+        if (cfg->special_ids[k] < -1 || cfg->special_ids[k] >= cfg->vocab_size)
+            return codir__fail(CODIR_ERR_INVALID, "special id %d is outside the vocabulary of %d", cfg->special_ids[k],
+                               cfg->vocab_size);
+    if (cfg->vocab_size - num_special < 1)
+        return codir__fail(CODIR_ERR_INVALID, "a vocabulary of %d has no token besides the special ones",
+                           cfg->vocab_size);
+    return CODIR_OK;
+}
+
+/* A uniform double in [0, 1) from the top 53 bits. */
+static double codir__unit(uint64_t bits) { return (double)(bits >> 11) * (1.0 / 9007199254740992.0); }
+
+CODIR_DEF int codir_mlm_mask(codir_mlm_batch *mb, const codir_batch *batch, const codir_mlm_config *cfg,
+                             uint64_t seed)
+{
+    int sorted[5], num_special, B = batch->batch, T = batch->seq, b, t, k, rc;
+    size_t n = (size_t)B * (size_t)T;
+    num_special = codir__mlm_sorted_specials(cfg, sorted);
+    rc = codir__mlm_check(cfg, num_special);
+    if (rc) return rc;
+    if (n > mb->capacity)
+        return codir__fail(CODIR_ERR_INVALID, "batch of %d x %d tokens exceeds the masked batch capacity of %zu", B, T,
+                           mb->capacity);
+    memcpy(mb->masked_ids, batch->ids.data, n * sizeof(int));
+    mb->batch = *batch;
+    mb->batch.ids.data = mb->masked_ids;
+    mb->count = 0;
+
+    for (b = 0; b < B; b++) {
+        const int *ids = batch->ids.data + (size_t)b * T, *mask = batch->mask.data + (size_t)b * T;
+        int *out = mb->masked_ids + (size_t)b * T, *pos = mb->positions + mb->count;
+        uint64_t key = codir__hash64(seed, (uint64_t)(int64_t)batch->example_ids.data[b]);
+        int eligible = 0, want, chosen = 0;
+
+        /* The segment's eligible tokens: not padding, not special. */
+        for (t = 0; t < T; t++) eligible += mask[t] && !codir__mlm_special(cfg, ids[t]);
+        if (eligible == 0) continue;
+        want = (int)floor((double)cfg->select_prob * eligible + 0.5);
+        if (want < 1) want = 1;
+        if (want > eligible) want = eligible;
+
+        /* A uniform random subset of `want` tokens: the eligible positions with the
+           smallest hash values, kept sorted by (hash, position) in pos[]. */
+        for (t = 0; t < T; t++) {
+            uint64_t h;
+            if (!mask[t] || codir__mlm_special(cfg, ids[t])) continue;
+            h = codir__hash64(key, 3 * (uint64_t)t);
+            if (chosen == want && h >= codir__hash64(key, 3 * (uint64_t)pos[chosen - 1])) continue;
+            k = chosen < want ? chosen++ : want - 1;
+            for (; k > 0 && codir__hash64(key, 3 * (uint64_t)pos[k - 1]) > h; k--) pos[k] = pos[k - 1];
+            pos[k] = t;
+        }
+
+        /* Positions ascending, then replace each chosen token: 80% [MASK], 10% random,
+           10% kept at the default rates. */
+        for (k = 1; k < chosen; k++) {
+            int p = pos[k], j = k;
+            for (; j > 0 && pos[j - 1] > p; j--) pos[j] = pos[j - 1];
+            pos[j] = p;
+        }
+        for (k = 0; k < chosen; k++) {
+            int tt = pos[k];
+            double u = codir__unit(codir__hash64(key, 3 * (uint64_t)tt + 1));
+            mb->targets[mb->count + k] = ids[tt];
+            if (u < (double)cfg->mask_prob) {
+                out[tt] = cfg->mask_id;
+            } else if (u < (double)cfg->mask_prob + (double)cfg->random_prob) {
+                /* The r-th non-special id: skip each special id at or below it. */
+                int r = (int)(codir__hash64(key, 3 * (uint64_t)tt + 2) % (uint64_t)(cfg->vocab_size - num_special)), j;
+                for (j = 0; j < num_special; j++)
+                    if (r >= sorted[j]) r++;
+                out[tt] = r;
+            }
+            pos[k] = b * T + tt;
+        }
+        mb->count += chosen;
+    }
+    return CODIR_OK;
+}
+
+/* ---- losses and steps ---- */
+
+CODIR_DEF codir_tensor *codir_mlm_loss(codir_ctx *ctx, const codir_model *model, codir_tensor *hidden,
+                                       const codir_mlm_batch *mb, codir_tensor **logits_out)
+{
+    codir_tensor *logits;
+    codir_itensor targets;
+    if (logits_out) *logits_out = NULL;
+    if (mb->count < 1)
+        return codir__op_error(ctx, CODIR_ERR_INVALID, "masked-LM loss: the batch has no chosen position");
+    logits = codir_mlm_logits(ctx, model, hidden, mb->positions, mb->count);
+    if (!logits) return NULL;
+    memset(&targets, 0, sizeof targets);
+    targets.data = mb->targets;
+    targets.ndim = 1;
+    targets.shape[0] = mb->count;
+    targets.shape[1] = targets.shape[2] = targets.shape[3] = 1;
+    targets.numel = (size_t)mb->count;
+    if (logits_out) *logits_out = logits;
+    return codir_cross_entropy(ctx, logits, &targets);
+}
+
+CODIR_DEF int codir_mlm_step(codir_ctx *ctx, codir_model *model, codir_adamw *opt, const codir_mlm_batch *mb,
+                             float lr, codir_loss_terms *terms)
+{
+    uint64_t step = (uint64_t)opt->step;
+    codir_output out;
+    codir_tensor *loss;
+    const char *bad;
+    int rc;
+    memset(terms, 0, sizeof *terms);
+    if (!model->cfg.mlm_head)
+        return codir__fail(CODIR_ERR_INVALID, "masked-LM training needs a model created with mlm_head = 1");
+    if (mb->count == 0) return CODIR_OK;
+
+    /* Forward with dropout, loss at the chosen positions, backward, update. */
+    codir_params_zero_grad(&model->params);
+    codir_ctx_begin(ctx, 1, 1, step);
+    rc = codir_model_forward(ctx, model, &mb->batch, &out);
+    if (rc) return rc;
+    loss = codir_mlm_loss(ctx, model, out.hidden[out.num_hidden - 1], mb, NULL);
+    if (!loss) return ctx->status;
+    terms->task = terms->total = loss->data[0];
+    rc = codir__check_terms(terms, step);
+    if (!rc) rc = codir_backward(ctx, loss);
+    if (rc) return rc;
+    if ((bad = codir__nonfinite_grad(&model->params)))
+        return codir__fail(CODIR_ERR_NONFINITE, "step %llu: gradient of %s is NaN or Inf", (unsigned long long)step, bad);
+    codir_adamw_step(opt, &model->params, lr);
+    return CODIR_OK;
+}
+
+/* Runs the CoDIR-Pre forward and backward passes; *zt_out receives the teacher
+   projections for the bank update, or NULL when lambda is 0. */
+static int codir__pretrain_backward(codir_ctx *ctx, codir_model *student, const codir_model *teacher,
+                                    codir_distiller *d, const codir_mlm_batch *mb, uint64_t step,
+                                    codir_loss_terms *terms, codir_tensor **zt_out)
+{
+    codir_output s_out, t_out;
+    codir_tensor *parts[3] = {NULL, NULL, NULL}, *loss, *zt = NULL, *t_logits = NULL, *s_logits = NULL;
+    float weights[3];
+    int rc, predict = mb->count > 0;
+    *zt_out = NULL;
+
+    /* 1. The frozen teacher, no dropout, no tape, and its logits at the chosen positions. */
+    codir_ctx_begin(ctx, 0, 0, step);
+    rc = codir_model_forward(ctx, teacher, &mb->batch, &t_out);
+    if (rc) return rc;
+    if (predict && d->cfg.beta != 0.0f) {
+        t_logits = codir_mlm_logits(ctx, teacher, t_out.hidden[t_out.num_hidden - 1], mb->positions, mb->count);
+        if (!t_logits) return ctx->status;
+    }
+
+    /* 2. The student with dropout, recorded for backward. */
+    ctx->recording = 1;
+    ctx->training = 1;
+    rc = codir_model_forward(ctx, student, &mb->batch, &s_out);
+    if (rc) return rc;
+
+    /* 3. L = (1 - beta) L_mlm + beta L_kd + lambda L_crd. The KD term compares the two
+       vocabulary distributions at the chosen positions only. */
+    weights[0] = predict ? 1.0f - d->cfg.beta : 0.0f;
+    weights[1] = predict ? d->cfg.beta : 0.0f;
+    weights[2] = d->cfg.lambda;
+    if (predict) parts[0] = codir_mlm_loss(ctx, student, s_out.hidden[s_out.num_hidden - 1], mb, &s_logits);
+    if (weights[1] != 0.0f) parts[1] = codir_kl_div(ctx, s_logits, t_logits, d->cfg.temperature);
+    if (weights[2] != 0.0f) parts[2] = codir_crd_loss(ctx, d, &s_out, &t_out, &mb->batch, &zt);
+    loss = codir_weighted_sum(ctx, parts, weights, 3);
+    if (!loss) return ctx->status;
+    terms->task = parts[0] ? parts[0]->data[0] : 0.0;
+    terms->kd = parts[1] ? parts[1]->data[0] : 0.0;
+    terms->crd = parts[2] ? parts[2]->data[0] : 0.0;
+    terms->total = loss->data[0];
+    rc = codir__check_terms(terms, step);
+    if (rc) return rc;
+    if (!loss->grad) return CODIR_OK;
+
+    /* 4. Backward into the student and both projection heads. */
+    *zt_out = zt;
+    return codir_backward(ctx, loss);
+}
+
+CODIR_DEF int codir_pretrain_distill_step(codir_ctx *ctx, codir_model *student, const codir_model *teacher,
+                                          codir_distiller *d, codir_adamw *opt_student, codir_adamw *opt_heads,
+                                          const codir_mlm_batch *mb, float lr, codir_loss_terms *terms)
+{
+    uint64_t step = (uint64_t)opt_student->step;
+    codir_tensor *zt;
+    const char *bad;
+    int rc;
+    memset(terms, 0, sizeof *terms);
+    if (!student->cfg.mlm_head || !teacher->cfg.mlm_head)
+        return codir__fail(CODIR_ERR_INVALID, "CoDIR-Pre needs a student and a teacher created with mlm_head = 1");
+    if (student->cfg.vocab_size != teacher->cfg.vocab_size)
+        return codir__fail(CODIR_ERR_INVALID, "student vocabulary %d differs from the teacher's %d",
+                           student->cfg.vocab_size, teacher->cfg.vocab_size);
+    codir_params_zero_grad(&student->params);
+    codir_params_zero_grad(&d->params);
+    rc = codir__pretrain_backward(ctx, student, teacher, d, mb, step, terms, &zt);
+    if (rc) return rc;
+    if ((bad = codir__nonfinite_grad(&student->params)) || (bad = codir__nonfinite_grad(&d->params)))
+        return codir__fail(CODIR_ERR_NONFINITE, "step %llu: gradient of %s is NaN or Inf", (unsigned long long)step, bad);
+    codir_adamw_step(opt_student, &student->params, lr);
+    codir_adamw_step(opt_heads, &d->params, lr);
+
+    /* The bank moves only after the step succeeded, so a rejected step leaves it as it was. */
+    if (zt) codir_bank_update(d, zt->data, mb->batch.example_ids.data, mb->batch.batch);
+    return CODIR_OK;
+}
+
+/* ---- evaluation ---- */
+
+CODIR_DEF int codir_mlm_evaluate(codir_ctx *ctx, const codir_model *model, const codir_encoded *enc,
+                                 int batch_size, const codir_mlm_config *cfg, uint64_t seed,
+                                 codir_mlm_scores *scores)
+{
+    codir_batch batch;
+    codir_mlm_batch mb;
+    double nll = 0.0;
+    long correct = 0, count = 0;
+    int start, rc, V = model->cfg.vocab_size;
+    scores->accuracy = scores->loss = scores->perplexity = NAN;
+    scores->count = 0;
+    if (!model->cfg.mlm_head)
+        return codir__fail(CODIR_ERR_INVALID, "masked-LM evaluation needs a model created with mlm_head = 1");
+    if (enc->count < 1) return codir__fail(CODIR_ERR_INVALID, "cannot evaluate on an empty data set");
+    if (batch_size < 1) return codir__fail(CODIR_ERR_INVALID, "batch size %d must be positive", batch_size);
+    rc = codir_batch_init(&batch, batch_size, enc->max_len);
+    if (rc) return rc;
+    rc = codir_mlm_batch_init(&mb, batch_size, enc->max_len);
+    if (rc) {
+        codir_batch_free(&batch);
+        return rc;
+    }
+    for (start = 0; start < enc->count && !rc; start += batch_size) {
+        int n = enc->count - start < batch_size ? enc->count - start : batch_size, i, v;
+        codir_output out;
+        codir_tensor *logits;
+        rc = codir_batch_fill(&batch, enc, NULL, start, n);
+        if (!rc) rc = codir_mlm_mask(&mb, &batch, cfg, seed);
+        if (rc || mb.count == 0) continue;
+        codir_ctx_begin(ctx, 0, 0, 0);
+        rc = codir_model_forward(ctx, model, &mb.batch, &out);
+        if (rc) break;
+        logits = codir_mlm_logits(ctx, model, out.hidden[out.num_hidden - 1], mb.positions, mb.count);
+        if (!logits) {
+            rc = ctx->status ? ctx->status : CODIR_ERR_INVALID;
+            break;
+        }
+
+        /* -log softmax(row)[target] in float64, with the maximum taken out. */
+        for (i = 0; i < mb.count; i++) {
+            const float *row = logits->data + (size_t)i * V;
+            int best = 0;
+            double sum = 0.0;
+            for (v = 1; v < V; v++)
+                if (row[v] > row[best]) best = v;
+            for (v = 0; v < V; v++) sum += exp((double)row[v] - row[best]);
+            nll += log(sum) - ((double)row[mb.targets[i]] - row[best]);
+            correct += best == mb.targets[i];
+        }
+        count += mb.count;
+    }
+    codir_batch_free(&batch);
+    codir_mlm_batch_free(&mb);
+    if (rc) return rc;
+    if (count == 0) return codir__fail(CODIR_ERR_INVALID, "no segment has a token to predict");
+    scores->count = count;
+    scores->accuracy = (double)correct / (double)count;
+    scores->loss = nll / (double)count;
+    scores->perplexity = exp(scores->loss);
+    return CODIR_OK;
 }
 
 #endif /* CODIR_IMPLEMENTATION_DONE */

@@ -261,13 +261,40 @@ static void test_tokenizer_lowercase(void)
         CHECK_TOKENS(lower, "HeLLo WORLD", 11, 13);
         CHECK_TOKENS(cased, "HeLLo WORLD", 1, 1);
         CHECK_TOKENS(cased, "hello", 11);
-        /* Non-ASCII letters keep their bytes: "\xC3\x89" (capital E acute) does not
-           become "\xC3\xA9" (17). */
-        CHECK_TOKENS(lower, "\xC3\xA9", 17);
-        CHECK_TOKENS(lower, "\xC3\x89", 1);
+        /* Uncased strips accents: "\xC3\xA9" (e acute, 17) becomes "e", which the
+           test vocabulary lacks, while the cased vocabulary keeps it. */
+        CHECK_TOKENS(lower, "\xC3\xA9", 1);
+        CHECK_TOKENS(cased, "\xC3\xA9", 17);
+        CHECK_TOKENS(cased, "\xC3\x89", 1);
+        /* U+00C0 (A grave), and A followed by U+0301 (combining acute), lose the accent
+           and become "a"; "\xC3\x80x" is "ax" = a ##x. */
+        CHECK_TOKENS(lower, "\xC3\x80x", 10, 24);
+        CHECK_TOKENS(lower, "\xC3\x80\xCC\x81", 10);
     }
     codir_vocab_free(lower);
     codir_vocab_free(cased);
+}
+
+static void test_tokenizer_pretokenize(void)
+{
+    char out[256];
+    int n;
+    /* Hand-worked: accents stripped after NFD, sharp s kept, U+0130 loses its dot,
+       punctuation and the CJK ideograph alone, U+200B dropped, U+00A0 splits. */
+    n = codir_pretokenize("Caf\xC3\xA9,Stra\xC3\x9F" "e \xC4\xB0x\xE4\xB8\xADy\xE2\x80\x8Bz\xC2\xA0w", 1, out, sizeof out);
+    CHECK(n >= 0 && strcmp(out, "cafe , stra\xC3\x9F" "e ix \xE4\xB8\xAD yz w") == 0, "uncased: got [%s] (%d)", out, n);
+    n = codir_pretokenize("Caf\xC3\xA9,Stra\xC3\x9F" "e \xC4\xB0x", 0, out, sizeof out);
+    CHECK(n >= 0 && strcmp(out, "Caf\xC3\xA9 , Stra\xC3\x9F" "e \xC4\xB0x") == 0, "cased: got [%s] (%d)", out, n);
+    /* Hangul syllable U+D55C decomposes into jamo U+1112 U+1161 U+11AB when uncased. */
+    n = codir_pretokenize("\xED\x95\x9C", 1, out, sizeof out);
+    CHECK(n == 9 && strcmp(out, "\xE1\x84\x92\xE1\x85\xA1\xE1\x86\xAB") == 0, "hangul: got [%s] (%d)", out, n);
+    /* snprintf-like: the full length comes back, the output is cut and terminated. */
+    n = codir_pretokenize("abc def", 0, out, 4);
+    CHECK(n == 7 && strcmp(out, "abc") == 0, "short buffer: got [%s] (%d), want [abc] (7)", out, n);
+    n = codir_pretokenize("abc def", 0, NULL, 0);
+    CHECK(n == 7, "NULL buffer: returned %d, want 7", n);
+    n = codir_pretokenize(NULL, 0, out, sizeof out);
+    CHECK(n == CODIR_ERR_INVALID, "NULL text returned %d, want CODIR_ERR_INVALID", n);
 }
 
 static void test_tokenizer_long_word(void)
@@ -984,17 +1011,924 @@ static void test_tsv_empty_and_missing_files(void)
     codir_dataset_free(data);
 }
 
+/* ---- sentence pairs and GLUE layouts ---- */
+
+static void test_encode_pair_types(void)
+{
+    codir_vocab *vocab = test_vocab(0);
+    int ids[16], types[16], length, i;
+    if (!vocab) return;
+
+    /* [CLS] hello [SEP] world ! [SEP]; types 0 up to the first [SEP], then 1. */
+    for (i = 0; i < 16; i++) ids[i] = types[i] = -7;
+    length = codir_encode_pair(vocab, "hello", "world!", ids, types, 16);
+    CHECK_IDS("pair ids", ids, length, 2, 11, 3, 13, 14, 3);
+    CHECK_IDS("pair types", types, length, 0, 0, 0, 1, 1, 1);
+    CHECK(ids[6] == -7 && types[6] == -7, "wrote past the sequence");
+
+    /* Single sentence through the pair function: types all 0. */
+    length = codir_encode_pair(vocab, "hello world", NULL, ids, types, 16);
+    CHECK_IDS("single ids", ids, length, 2, 11, 13, 3);
+    CHECK_IDS("single types", types, length, 0, 0, 0, 0);
+
+    /* types may be NULL; an empty second text still gets its [SEP]. */
+    length = codir_encode_pair(vocab, "hello", "", ids, NULL, 16);
+    CHECK_IDS("empty b", ids, length, 2, 11, 3, 3);
+
+    /* max_len 3 holds only the special tokens; 2 cannot hold them. */
+    length = codir_encode_pair(vocab, "hello", "world", ids, types, 3);
+    CHECK_IDS("max_len 3", ids, length, 2, 3, 3);
+    CHECK_IDS("max_len 3 types", types, length, 0, 0, 1);
+    length = codir_encode_pair(vocab, "hello", "world", ids, types, 2);
+    CHECK(length == CODIR_ERR_INVALID, "max_len 2 with a pair returned %d, want CODIR_ERR_INVALID", length);
+    CHECK(strstr(codir_last_error(), "max_len") != NULL, "message does not name max_len: %s", codir_last_error());
+    length = codir_encode_pair(vocab, NULL, "world", ids, types, 8);
+    CHECK(length == CODIR_ERR_INVALID, "NULL a returned %d, want CODIR_ERR_INVALID", length);
+    codir_vocab_free(vocab);
+}
+
+static void test_encode_pair_truncation(void)
+{
+    codir_vocab *vocab = test_vocab(0);
+    int ids[32], types[32], length;
+    if (!vocab) return;
+
+    /* a = x x x x x (5 pieces), b = hello (1): m = 4 keeps b whole, a gets 3. */
+    length = codir_encode_pair(vocab, "x x x x x", "hello", ids, types, 7);
+    CHECK_IDS("longer first side cut", ids, length, 2, 23, 23, 23, 3, 11, 3);
+    CHECK_IDS("types", types, length, 0, 0, 0, 0, 0, 1, 1);
+
+    /* a = x x x (3), b = hello , world ! (4): m = 3, both cut: shorter a keeps 1,
+       longer b keeps 2. */
+    length = codir_encode_pair(vocab, "x x x", "hello , world !", ids, types, 6);
+    CHECK_IDS("both cut", ids, length, 2, 23, 3, 11, 12, 3);
+
+    /* A tie (3 and 3) with m = 3: the first side keeps 1, the second 2. */
+    length = codir_encode_pair(vocab, "x x x", "hello , world", ids, types, 6);
+    CHECK_IDS("tie", ids, length, 2, 23, 3, 11, 12, 3);
+
+    /* Nothing cut when both fit exactly. */
+    length = codir_encode_pair(vocab, "x x", "hello world", ids, types, 7);
+    CHECK_IDS("exact fit", ids, length, 2, 23, 23, 3, 11, 13, 3);
+    codir_vocab_free(vocab);
+}
+
+/* Loads tests/fixtures/glue/<name> with the automatic layout, or with options. */
+static codir_dataset *load_glue(const char *name, const codir_tsv_options *options, char *path, size_t size)
+{
+    static const char *const dirs[] = {"tests/fixtures/glue", "fixtures/glue"};
+    size_t i;
+    for (i = 0; i < sizeof dirs / sizeof dirs[0]; i++) {
+        FILE *probe;
+        snprintf(path, size, "%s/%s", dirs[i], name);
+        probe = fopen(path, "rb");
+        if (probe) {
+            fclose(probe);
+            return options ? codir_dataset_load_tsv_opts(path, options) : codir_dataset_load_tsv(path);
+        }
+    }
+    CHECK(0, "cannot find the fixture tests/fixtures/glue/%s", name);
+    return NULL;
+}
+
+#define CHECK_STR(what, got, want)                                                            \
+    do {                                                                                      \
+        const char *got_ = (got);                                                             \
+        CHECK(got_ != NULL && strcmp(got_, want) == 0, "%s is [%s], want [%s]", what,         \
+              got_ ? got_ : "(null)", want);                                                  \
+    } while (0)
+
+static void test_tsv_glue_pair_layouts(void)
+{
+    char path[512];
+    codir_dataset *data;
+
+    data = load_glue("mrpc.tsv", NULL, path, sizeof path);
+    CHECK(data != NULL, "MRPC: %s", codir_last_error());
+    if (data) {
+        CHECK_INT("MRPC count", data->count, 3);
+        CHECK(data->texts_b != NULL, "MRPC has no second texts");
+        if (data->count == 3 && data->texts_b) {
+            CHECK_STR("MRPC text 1", data->texts[1],
+                      "Yucaipa owned Dominick's before selling the chain to Safeway in 1998 for $2.5 billion.");
+            CHECK_STR("MRPC text b 2", data->texts_b[2],
+                      "On June 10, the ship's owners had published an advertisement on the Internet.");
+            CHECK_INT("MRPC label 0", data->labels[0], 1);
+            CHECK_INT("MRPC label 1", data->labels[1], 0);
+        }
+        CHECK_INT("MRPC classes", data->num_classes, 2);
+        CHECK(data->label_names == NULL && data->targets == NULL && !data->is_regression, "MRPC: labels are ids");
+    }
+    codir_dataset_free(data);
+
+    data = load_glue("qnli.tsv", NULL, path, sizeof path);
+    CHECK(data != NULL, "QNLI: %s", codir_last_error());
+    if (data) {
+        CHECK_INT("QNLI count", data->count, 3);
+        if (data->count == 3 && data->texts_b) {
+            CHECK_STR("QNLI question 2", data->texts[2], "What is the minimum required if you want to teach?");
+            CHECK_STR("QNLI sentence 2", data->texts_b[2], "In most countries a degree is required.");
+            CHECK_INT("QNLI label 0", data->labels[0], 0);
+            CHECK_INT("QNLI label 1", data->labels[1], 1);
+        }
+        CHECK_INT("QNLI classes", data->num_classes, 2);
+        if (data->label_names) {
+            CHECK_STR("QNLI name 0", data->label_names[0], "entailment");
+            CHECK_STR("QNLI name 1", data->label_names[1], "not_entailment");
+        } else {
+            CHECK(0, "QNLI has no label names");
+        }
+    }
+    codir_dataset_free(data);
+
+    /* RTE: BOM and CRLF. */
+    data = load_glue("rte.tsv", NULL, path, sizeof path);
+    CHECK(data != NULL, "RTE: %s", codir_last_error());
+    if (data) {
+        CHECK_INT("RTE count", data->count, 2);
+        if (data->count == 2 && data->texts_b) {
+            CHECK_STR("RTE text b 0", data->texts_b[0], "Weapons of Mass Destruction Found in Iraq.");
+            CHECK_INT("RTE label 0", data->labels[0], 1);
+            CHECK_INT("RTE label 1", data->labels[1], 0);
+        }
+    }
+    codir_dataset_free(data);
+
+    /* STS-B: regression, no final newline. */
+    data = load_glue("stsb.tsv", NULL, path, sizeof path);
+    CHECK(data != NULL, "STS-B: %s", codir_last_error());
+    if (data) {
+        CHECK_INT("STS-B count", data->count, 3);
+        CHECK(data->is_regression == 1 && data->targets != NULL, "STS-B is not read as regression");
+        CHECK_INT("STS-B classes", data->num_classes, 1);
+        if (data->count == 3 && data->targets && data->texts_b) {
+            CHECK(data->targets[0] == 5.0f && data->targets[1] == 3.8f && data->targets[2] == 0.0f,
+                  "STS-B targets %g %g %g, want 5 3.8 0", data->targets[0], data->targets[1], data->targets[2]);
+            CHECK_STR("STS-B text 1", data->texts[1], "A man is playing a large flute.");
+            CHECK_STR("STS-B text b 1", data->texts_b[1], "A man is playing a flute.");
+            CHECK_INT("STS-B label 2", data->labels[2], 0);
+        }
+    }
+    codir_dataset_free(data);
+
+    data = load_glue("qqp.tsv", NULL, path, sizeof path);
+    CHECK(data != NULL, "QQP: %s", codir_last_error());
+    if (data) {
+        CHECK_INT("QQP count", data->count, 2);
+        if (data->count == 2 && data->texts_b) {
+            CHECK_STR("QQP question2 1", data->texts_b[1], "How do you control your horniness?");
+            CHECK_INT("QQP label 0", data->labels[0], 0);
+            CHECK_INT("QQP label 1", data->labels[1], 1);
+        }
+    }
+    codir_dataset_free(data);
+
+    /* SST-2 stays single: no second texts. */
+    data = load_glue("sst2.tsv", NULL, path, sizeof path);
+    CHECK(data != NULL, "SST-2: %s", codir_last_error());
+    if (data) {
+        CHECK_INT("SST-2 count", data->count, 3);
+        CHECK(data->texts_b == NULL, "SST-2 got second texts");
+        if (data->count == 3) CHECK_STR("SST-2 text 1", data->texts[1], "contains no wit , only labored gags ");
+    }
+    codir_dataset_free(data);
+}
+
+static void test_tsv_mnli_labels_stable(void)
+{
+    char path[512];
+    codir_dataset *train = load_glue("mnli_train.tsv", NULL, path, sizeof path);
+    codir_dataset *dev = load_glue("mnli_dev.tsv", NULL, path, sizeof path);
+    CHECK(train != NULL && dev != NULL, "MNLI: %s", codir_last_error());
+    if (train && dev && train->count == 4 && dev->count == 2 && train->texts_b) {
+        /* entailment 0, neutral 1, contradiction 2 in both files, whatever order the
+           names appear in. */
+        CHECK_INT("train label 0 (neutral)", train->labels[0], 1);
+        CHECK_INT("train label 1 (entailment)", train->labels[1], 0);
+        CHECK_INT("train label 3 (contradiction)", train->labels[3], 2);
+        CHECK_INT("dev label 0 (neutral)", dev->labels[0], 1);
+        CHECK_INT("dev label 1 (contradiction)", dev->labels[1], 2);
+        CHECK_INT("classes", train->num_classes, 3);
+        CHECK_INT("dev classes", dev->num_classes, 3);
+        CHECK_STR("train text b 0", train->texts_b[0], "Product and geography are what make cream skimming work. ");
+        if (train->label_names) CHECK_STR("name 2", train->label_names[2], "contradiction");
+    } else {
+        CHECK(0, "MNLI fixtures did not load as expected");
+    }
+    codir_dataset_free(train);
+    codir_dataset_free(dev);
+}
+
+static void test_tsv_label_names_from_train(void)
+{
+    char path[512];
+    codir_tsv_options options = codir_tsv_options_default();
+    codir_dataset *train, *dev;
+
+    /* Names derived from the file: sorted by strcmp, so contradiction 0, entailment
+       1, neutral 2. */
+    options.text_a = "sentence1";
+    options.text_b = "sentence2";
+    options.label = "gold_label";
+    options.label_kind = CODIR_LABEL_NAMES;
+    train = load_glue("mnli_train.tsv", &options, path, sizeof path);
+    CHECK(train != NULL, "derived names: %s", codir_last_error());
+    if (!train) return;
+    CHECK_INT("classes", train->num_classes, 3);
+    if (train->label_names && train->num_classes == 3) {
+        CHECK_STR("name 0", train->label_names[0], "contradiction");
+        CHECK_STR("name 1", train->label_names[1], "entailment");
+        CHECK_STR("name 2", train->label_names[2], "neutral");
+    }
+    if (train->count == 4) {
+        CHECK_INT("label 0 (neutral)", train->labels[0], 2);
+        CHECK_INT("label 1 (entailment)", train->labels[1], 1);
+        CHECK_INT("label 3 (contradiction)", train->labels[3], 0);
+    }
+
+    /* The dev set reuses the training names, so its ids agree although it lacks
+       entailment. */
+    options.label_names = (const char *const *)train->label_names;
+    options.label_name_count = train->num_classes;
+    dev = load_glue("mnli_dev.tsv", &options, path, sizeof path);
+    CHECK(dev != NULL, "dev with train names: %s", codir_last_error());
+    if (dev && dev->count == 2) {
+        CHECK_INT("dev label 0 (neutral)", dev->labels[0], 2);
+        CHECK_INT("dev label 1 (contradiction)", dev->labels[1], 0);
+        CHECK_INT("dev classes", dev->num_classes, 3);
+    }
+    codir_dataset_free(dev);
+
+    /* A name outside the GLUE list (RTE: entailment, not_entailment) is an error at
+       its line. */
+    dev = load_glue("rte_bad_label.tsv", NULL, path, sizeof path);
+    check_tsv_error_at(__LINE__, dev, path, 3, "invalid label 'neutral'");
+    codir_dataset_free(dev);
+    codir_dataset_free(train);
+}
+
+static void test_tsv_pair_bad_rows(void)
+{
+    char path[512];
+    codir_dataset *data = load_glue("rte_bad_fields.tsv", NULL, path, sizeof path);
+    check_tsv_error_at(__LINE__, data, path, 3, "expected 4 tab-separated fields, found 5");
+    codir_dataset_free(data);
+
+    data = load_glue("stsb_bad_score.tsv", NULL, path, sizeof path);
+    check_tsv_error_at(__LINE__, data, path, 3, "invalid label 'high'");
+    codir_dataset_free(data);
+
+    data = LOAD_TSV("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+                    "0\tg\tf\t2012\t1\tnone\tnone\ta\tb\tnan\n", path);
+    check_tsv_error_at(__LINE__, data, path, 2, "finite");
+    codir_dataset_free(data);
+
+    data = LOAD_TSV("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+                    "0\tg\tf\t2012\t1\tnone\tnone\ta\tb\t\n", path);
+    check_tsv_error_at(__LINE__, data, path, 2, "invalid label ''");
+    codir_dataset_free(data);
+}
+
+static void test_tsv_cola_without_header(void)
+{
+    char path[512];
+    codir_tsv_options options = codir_tsv_options_default();
+    codir_dataset *data = load_glue("cola.tsv", NULL, path, sizeof path);
+    CHECK(data != NULL, "CoLA detection: %s", codir_last_error());
+    if (data) {
+        CHECK_INT("CoLA count", data->count, 4);
+        if (data->count == 4) {
+            CHECK_STR("CoLA text 0", data->texts[0], "Our friends won't buy this analysis, let alone the next one we propose.");
+            CHECK_STR("CoLA text 3", data->texts[3], "The more we study verbs, the crazier they get.");
+            CHECK_INT("CoLA label 2", data->labels[2], 0);
+            CHECK_INT("CoLA label 3", data->labels[3], 1);
+        }
+        CHECK(data->texts_b == NULL, "CoLA got second texts");
+    }
+    codir_dataset_free(data);
+
+    /* The same through explicit column indexes. */
+    options.has_header = 0;
+    options.text_a = options.label = NULL;
+    options.text_a_index = 3;
+    options.label_index = 1;
+    data = load_glue("cola.tsv", &options, path, sizeof path);
+    CHECK(data != NULL, "CoLA by index: %s", codir_last_error());
+    if (data) CHECK_INT("CoLA count by index", data->count, 4);
+    codir_dataset_free(data);
+
+    /* An index past the fields is an error naming it. */
+    options.label_index = 7;
+    data = load_glue("cola.tsv", &options, path, sizeof path);
+    CHECK(data == NULL, "label index 7 of 4 fields loaded");
+    CHECK(strstr(codir_last_error(), "index is 7") != NULL, "message does not name the index: %s", codir_last_error());
+    codir_dataset_free(data);
+
+    /* No column at all for the text. */
+    options.label_index = 1;
+    options.text_a_index = -1;
+    data = load_glue("cola.tsv", &options, path, sizeof path);
+    CHECK(data == NULL, "a load without a text column succeeded");
+    codir_dataset_free(data);
+}
+
+/* ---- Hugging Face fixtures ---- */
+
+/* The fixtures in tests/fixtures come from make_tokenizer_fixture.js, which runs
+   Hugging Face tokenizers (npm) on the same inputs; see tests/fixtures/README.md. */
+
+/* Reads a whole file into a NUL-terminated buffer; NULL if it cannot be read. */
+static char *read_whole_file(const char *path, size_t *length)
+{
+    FILE *file = fopen(path, "rb");
+    char *data = NULL;
+    long size;
+    if (!file) return NULL;
+    if (fseek(file, 0, SEEK_END) == 0 && (size = ftell(file)) >= 0 && fseek(file, 0, SEEK_SET) == 0) {
+        data = (char *)malloc((size_t)size + 1);
+        if (data && fread(data, 1, (size_t)size, file) != (size_t)size) {
+            free(data);
+            data = NULL;
+        }
+        if (data) {
+            data[size] = '\0';
+            *length = (size_t)size;
+        }
+    }
+    fclose(file);
+    return data;
+}
+
+/* Reads tests/fixtures/<name>, from the repository root or from tests/. */
+static char *read_fixture(const char *name, size_t *length)
+{
+    static const char *const dirs[] = {"tests/fixtures", "fixtures"};
+    char path[512];
+    size_t i;
+    for (i = 0; i < sizeof dirs / sizeof dirs[0]; i++) {
+        char *data;
+        snprintf(path, sizeof path, "%s/%s", dirs[i], name);
+        data = read_whole_file(path, length);
+        if (data) return data;
+    }
+    CHECK(0, "cannot read the fixture tests/fixtures/%s; run the tests from the repository root or tests/", name);
+    return NULL;
+}
+
+static codir_vocab *load_fixture_vocab(const char *name)
+{
+    char file[128], path[512];
+    static const char *const dirs[] = {"tests/fixtures", "fixtures"};
+    size_t i;
+    snprintf(file, sizeof file, "vocab_%s.txt", name);
+    for (i = 0; i < sizeof dirs / sizeof dirs[0]; i++) {
+        FILE *probe;
+        snprintf(path, sizeof path, "%s/%s", dirs[i], file);
+        probe = fopen(path, "rb");
+        if (probe) {
+            codir_vocab *vocab;
+            fclose(probe);
+            vocab = codir_vocab_load(path, strstr(name, "uncased") != NULL);
+            CHECK(vocab != NULL, "loading %s failed: %s", path, codir_last_error());
+            return vocab;
+        }
+    }
+    CHECK(0, "cannot find the fixture tests/fixtures/%s", file);
+    return NULL;
+}
+
+/* Splits data in place into lines as make_tokenizer_fixture.js does: at "\n", without
+   an empty last line after a final "\n". For a TSV the header line is dropped and each
+   line ends at its first tab. Returns a malloc'ed array of *count pointers into data. */
+static char **split_lines(char *data, size_t length, int is_tsv, int *count)
+{
+    char **lines = NULL, *p = data, *end = data + length;
+    int n = 0, capacity = 0, index = 0;
+    while (p < end) {
+        char *newline = (char *)memchr(p, '\n', (size_t)(end - p)), *tab;
+        if (!newline) newline = end;
+        *newline = '\0';
+        if (is_tsv && (tab = strchr(p, '\t')) != NULL) *tab = '\0';
+        if (!is_tsv || index > 0) {
+            if (n == capacity) {
+                char **grown;
+                capacity = capacity ? 2 * capacity : 256;
+                grown = (char **)realloc(lines, (size_t)capacity * sizeof *lines);
+                if (!grown) {
+                    free(lines);
+                    *count = 0;
+                    return NULL;
+                }
+                lines = grown;
+            }
+            lines[n++] = p;
+        }
+        index++;
+        p = newline + 1;
+    }
+    *count = n;
+    return lines;
+}
+
+/* Formats up to 40 ids as "a b c ..." into out[size]. */
+static const char *format_ids(char *out, size_t size, const int *ids, int count)
+{
+    size_t used = 0;
+    int i;
+    out[0] = '\0';
+    for (i = 0; i < count && i < 40 && used + 16 < size; i++)
+        used += (size_t)snprintf(out + used, size - used, "%s%d", i ? " " : "", ids[i]);
+    if (count > 40 && used + 8 < size) snprintf(out + used, size - used, " ...");
+    return out;
+}
+
+/* Parses up to max_ids integers from s into ids and returns the count. */
+static int parse_ids(const char *s, int *ids, int max_ids)
+{
+    int n = 0;
+    char *end;
+    for (;;) {
+        long value = strtol(s, &end, 10);
+        if (end == s || n == max_ids) break;
+        ids[n++] = (int)value;
+        s = end;
+    }
+    return n;
+}
+
+/* Reports a mismatch of an id sequence with both sequences; returns 1 if they match. */
+static int compare_ids_at(int line, const char *what, const int *got, int got_count, const int *want, int want_count)
+{
+    char got_text[400], want_text[400];
+    if (got_count == want_count && memcmp(got, want, (size_t)got_count * sizeof *got) == 0) return 1;
+    check_fail(__FILE__, line, "%s\n  codir.h:      %s (%d ids)\n  Hugging Face: %s (%d ids)", what,
+               format_ids(got_text, sizeof got_text, got, got_count), got_count,
+               format_ids(want_text, sizeof want_text, want, want_count), want_count);
+    return 0;
+}
+
+#define FIXTURE_VOCABS 4
+static const char *const fixture_vocab_names[FIXTURE_VOCABS] = {"corpus_uncased", "corpus_cased", "hard_uncased",
+                                                                "hard_cased"};
+
+/* The texts after the hard cases that expected_pairs.txt numbers, as in
+   make_tokenizer_fixture.js. */
+static const char *const pair_texts[] = {"short", "a b c d e f g h i j", "one two three", "the cat sat on the mat ."};
+
+static void test_tokenizer_hf_hard_cases(void)
+{
+    codir_vocab *vocabs[FIXTURE_VOCABS] = {NULL, NULL, NULL, NULL};
+    char *texts_data = NULL, *expected = NULL, **texts = NULL, *line;
+    size_t length;
+    int text_count = 0, i, checked = 0, failures = 0;
+    enum { MAX_IDS = 4096 };
+    static int got[MAX_IDS], want[MAX_IDS];
+
+    for (i = 0; i < FIXTURE_VOCABS; i++) vocabs[i] = load_fixture_vocab(fixture_vocab_names[i]);
+    texts_data = read_fixture("hard_cases.txt", &length);
+    if (texts_data) texts = split_lines(texts_data, length, 0, &text_count);
+    expected = read_fixture("expected_hard.txt", &length);
+    if (!texts || !expected || !vocabs[0] || !vocabs[1] || !vocabs[2] || !vocabs[3]) goto done;
+
+    for (line = strtok(expected, "\n"); line; line = strtok(NULL, "\n")) {
+        char name[64], what[600];
+        int number, consumed = 0, v, got_count, want_count;
+        if (line[0] == '#') continue;
+        if (sscanf(line, "%63s %d%n", name, &number, &consumed) != 2 || number < 1 || number > text_count) {
+            CHECK(0, "expected_hard.txt: malformed line '%.60s'", line);
+            break;
+        }
+        for (v = 0; v < FIXTURE_VOCABS && strcmp(name, fixture_vocab_names[v]) != 0; v++) continue;
+        if (v == FIXTURE_VOCABS) {
+            CHECK(0, "expected_hard.txt: unknown vocabulary '%s'", name);
+            break;
+        }
+        want_count = parse_ids(line + consumed, want, MAX_IDS);
+        got_count = codir_encode(vocabs[v], texts[number - 1], got, MAX_IDS);
+        snprintf(what, sizeof what, "hard_cases.txt line %d with vocab_%s.txt, text \"%.200s\"", number, name,
+                 texts[number - 1]);
+        checked++;
+        if (!compare_ids_at(__LINE__, what, got, got_count, want, want_count) && ++failures >= 5) break;
+    }
+    CHECK(checked == FIXTURE_VOCABS * text_count, "checked %d sequences, want %d", checked,
+          FIXTURE_VOCABS * text_count);
+
+done:
+    for (i = 0; i < FIXTURE_VOCABS; i++) codir_vocab_free(vocabs[i]);
+    free(texts);
+    free(texts_data);
+    free(expected);
+}
+
+static void test_tokenizer_hf_pairs(void)
+{
+    codir_vocab *vocabs[2] = {NULL, NULL};
+    char *texts_data = NULL, *expected = NULL, **texts = NULL, *line;
+    size_t length;
+    int text_count = 0, i, checked = 0, failures = 0;
+    enum { MAX_IDS = 1024 };
+    static int got[MAX_IDS], types[MAX_IDS], want[MAX_IDS], want_types[MAX_IDS];
+
+    for (i = 0; i < 2; i++) vocabs[i] = load_fixture_vocab(fixture_vocab_names[i]);
+    texts_data = read_fixture("hard_cases.txt", &length);
+    if (texts_data) texts = split_lines(texts_data, length, 0, &text_count);
+    expected = read_fixture("expected_pairs.txt", &length);
+    if (!texts || !expected || !vocabs[0] || !vocabs[1]) goto done;
+
+    for (line = strtok(expected, "\n"); line; line = strtok(NULL, "\n")) {
+        char name[64], what[800];
+        const char *a, *b;
+        int max_len, ia, ib, zeros, consumed = 0, v, got_count, want_count, total = text_count + 4;
+        if (line[0] == '#') continue;
+        if (sscanf(line, "%63s %d %d %d %d%n", name, &max_len, &ia, &ib, &zeros, &consumed) != 5 || ia < 1 ||
+            ia > total || ib < 1 || ib > total || max_len > MAX_IDS) {
+            CHECK(0, "expected_pairs.txt: malformed line '%.60s'", line);
+            break;
+        }
+        v = strcmp(name, "corpus_uncased") == 0 ? 0 : 1;
+        a = ia <= text_count ? texts[ia - 1] : pair_texts[ia - 1 - text_count];
+        b = ib <= text_count ? texts[ib - 1] : pair_texts[ib - 1 - text_count];
+        want_count = parse_ids(line + consumed, want, MAX_IDS);
+        for (i = 0; i < want_count; i++) want_types[i] = i < zeros ? 0 : 1;
+        got_count = codir_encode_pair(vocabs[v], a, b, got, types, max_len);
+        snprintf(what, sizeof what, "pair of texts %d and %d, max_len %d, vocab_%s.txt: \"%.100s\" / \"%.100s\"", ia,
+                 ib, max_len, name, a, b);
+        checked++;
+        if (!compare_ids_at(__LINE__, what, got, got_count, want, want_count) && ++failures >= 5) break;
+        if (got_count == want_count && !compare_ids_at(__LINE__, what, types, got_count, want_types, want_count) &&
+            ++failures >= 5)
+            break;
+    }
+    CHECK(checked > 1000, "checked only %d pairs", checked);
+
+done:
+    for (i = 0; i < 2; i++) codir_vocab_free(vocabs[i]);
+    free(texts);
+    free(texts_data);
+    free(expected);
+}
+
+/* FNV-1a 64 over ids as 4 little-endian bytes each, as make_tokenizer_fixture.js. */
+static uint64_t fnv_ids(uint64_t hash, const int *ids, int count)
+{
+    int i, k;
+    for (i = 0; i < count; i++) {
+        for (k = 0; k < 4; k++) {
+            hash ^= ((uint32_t)ids[i] >> (8 * k)) & 0xFF;
+            hash *= 1099511628211ull;
+        }
+    }
+    return hash;
+}
+
+static int base64_value(char c)
+{
+    static const char digits[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    const char *p = strchr(digits, c);
+    return c && p ? (int)(p - digits) : -1;
+}
+
+/* Finds the shared corpora: $CODIR_DATA_DIR, else ../shared/data from the repository
+   root or from tests/. Returns NULL when none is present. */
+static const char *find_data_dir(void)
+{
+    static const char *const candidates[] = {"../shared/data", "../../shared/data"};
+    static char env_dir[512];
+    const char *env = getenv("CODIR_DATA_DIR");
+    char path[600];
+    size_t i;
+    FILE *probe;
+    if (env && env[0]) {
+        snprintf(env_dir, sizeof env_dir, "%s", env);
+        return env_dir;
+    }
+    for (i = 0; i < sizeof candidates / sizeof candidates[0]; i++) {
+        snprintf(path, sizeof path, "%s/austen/train.txt", candidates[i]);
+        probe = fopen(path, "rb");
+        if (probe) {
+            fclose(probe);
+            return candidates[i];
+        }
+    }
+    return NULL;
+}
+
+/* Checks one corpus file against its hash rows and sample lines, which start at
+   *cursor in expected_corpus.txt; advances *cursor past them. Every `step`-th line is
+   checked (1 for all). Returns the number of failures. */
+static int check_corpus_file(const codir_vocab *uncased, const codir_vocab *cased, const char *data_dir,
+                             const char *file, int want_lines, char **cursor, int step)
+{
+    enum { MAX_IDS = 65536 };
+    static int ids_u[MAX_IDS], ids_c[MAX_IDS], want[MAX_IDS];
+    char path[1024], *data, **lines, *row = NULL;
+    size_t length;
+    int count = 0, i, failures = 0, is_tsv = strstr(file, ".tsv") != NULL;
+
+    snprintf(path, sizeof path, "%s/%s", data_dir, file);
+    data = read_whole_file(path, &length);
+    CHECK(data != NULL, "cannot read %s", path);
+    if (!data) return 1;
+    lines = split_lines(data, length, is_tsv, &count);
+    CHECK(count == want_lines, "%s has %d lines, the fixture %d; regenerate the fixture for this data", path, count,
+          want_lines);
+
+    for (i = 0; i < count && count == want_lines; i++) {
+        char *next;
+        int n_u, n_c, got_hash, want_hash;
+        if (i % 100 == 0) {
+            /* Next hash row: "h " then 100 groups of 4 base64 characters. */
+            row = *cursor;
+            next = strchr(row, '\n');
+            if (strncmp(row, "h ", 2) != 0 || !next) {
+                CHECK(0, "expected_corpus.txt: missing hash row for %s line %d", file, i + 1);
+                failures++;
+                break;
+            }
+            *next = '\0';
+            *cursor = next + 1;
+            row += 2;
+        }
+        if (i % step != 0) continue;
+        n_u = codir_encode(uncased, lines[i], ids_u, MAX_IDS);
+        n_c = codir_encode(cased, lines[i], ids_c, MAX_IDS);
+        if (n_u < 0 || n_c < 0 || n_u == MAX_IDS || n_c == MAX_IDS) {
+            CHECK(0, "%s line %d: encode returned %d and %d: %s", file, i + 1, n_u, n_c, codir_last_error());
+            failures++;
+            continue;
+        }
+        got_hash = (int)(fnv_ids(fnv_ids(14695981039346656037ull, ids_u, n_u), ids_c, n_c) >> 40);
+        {
+            const char *group = row + 4 * (i % 100);
+            int k;
+            want_hash = 0;
+            for (k = 0; k < 4; k++) {
+                int value = base64_value(group[k]);
+                if (value < 0) {
+                    want_hash = -1;
+                    break;
+                }
+                want_hash = want_hash << 6 | value;
+            }
+        }
+        if (got_hash != want_hash) {
+            char text_u[400], text_c[400];
+            CHECK(0, "%s line %d differs from Hugging Face (hash %06x, want %06x): \"%.200s\"\n"
+                  "  codir.h uncased: %s (%d ids)\n  codir.h cased:   %s (%d ids)\n"
+                  "  (the fixture stores Hugging Face's full ids only for every 1000th line)",
+                  file, i + 1, got_hash, want_hash, lines[i], format_ids(text_u, sizeof text_u, ids_u, n_u), n_u,
+                  format_ids(text_c, sizeof text_c, ids_c, n_c), n_c);
+            if (++failures >= 3) break;
+        }
+    }
+
+    /* Sample lines with full ids: "s <line> u|c <ids>". */
+    while (strncmp(*cursor, "s ", 2) == 0) {
+        char *line = *cursor, *next = strchr(line, '\n'), mode;
+        int number, consumed = 0, want_count, got_count;
+        if (!next) break;
+        *next = '\0';
+        *cursor = next + 1;
+        if (sscanf(line, "s %d %c%n", &number, &mode, &consumed) != 2 || number < 1 || number > count) continue;
+        if ((number - 1) % step != 0) continue;
+        want_count = parse_ids(line + consumed, want, MAX_IDS);
+        got_count = codir_encode(mode == 'u' ? uncased : cased, lines[number - 1], ids_u, MAX_IDS);
+        {
+            char what[800];
+            snprintf(what, sizeof what, "%s line %d (%s): \"%.200s\"", file, number, mode == 'u' ? "uncased" : "cased",
+                     lines[number - 1]);
+            if (!compare_ids_at(__LINE__, what, ids_u, got_count, want, want_count)) failures++;
+        }
+    }
+    free(lines);
+    free(data);
+    return failures;
+}
+
+static void test_tokenizer_hf_corpora(void)
+{
+    const char *data_dir = find_data_dir(), *quick = getenv("CODIR_TEST_QUICK");
+    codir_vocab *uncased = NULL, *cased = NULL;
+    char *expected = NULL, *cursor;
+    size_t length;
+    int files = 0, step = quick && quick[0] == '1' ? 10 : 1;
+
+    if (!data_dir) {
+        printf("skipped: tokenizer hf corpora: no corpora in ../shared/data or $CODIR_DATA_DIR\n");
+        return;
+    }
+    uncased = load_fixture_vocab("corpus_uncased");
+    cased = load_fixture_vocab("corpus_cased");
+    expected = read_fixture("expected_corpus.txt", &length);
+    if (!uncased || !cased || !expected) goto done;
+
+    cursor = expected;
+    while (*cursor) {
+        char *next = strchr(cursor, '\n'), file[256];
+        int lines;
+        if (!next) break;
+        *next = '\0';
+        if (sscanf(cursor, "file %255s %d", file, &lines) == 2) {
+            cursor = next + 1;
+            check_corpus_file(uncased, cased, data_dir, file, lines, &cursor, step);
+            files++;
+        } else {
+            cursor = next + 1;
+        }
+    }
+    CHECK(files == 8, "expected_corpus.txt lists %d files, want 8", files);
+    if (step > 1) printf("note: tokenizer hf corpora checked every %dth line (CODIR_TEST_QUICK=1)\n", step);
+
+done:
+    codir_vocab_free(uncased);
+    codir_vocab_free(cased);
+    free(expected);
+}
+
+/* Appends cp as UTF-8 to out and returns the new end. */
+static char *put_utf8(char *out, uint32_t cp)
+{
+    if (cp < 0x80) {
+        *out++ = (char)cp;
+    } else if (cp < 0x800) {
+        *out++ = (char)(0xC0 | (cp >> 6));
+        *out++ = (char)(0x80 | (cp & 0x3F));
+    } else if (cp < 0x10000) {
+        *out++ = (char)(0xE0 | (cp >> 12));
+        *out++ = (char)(0x80 | ((cp >> 6) & 0x3F));
+        *out++ = (char)(0x80 | (cp & 0x3F));
+    } else {
+        *out++ = (char)(0xF0 | (cp >> 18));
+        *out++ = (char)(0x80 | ((cp >> 12) & 0x3F));
+        *out++ = (char)(0x80 | ((cp >> 6) & 0x3F));
+        *out++ = (char)(0x80 | (cp & 0x3F));
+    }
+    *out = '\0';
+    return out;
+}
+
+/* Writes the output that a kind of hf_unicode.txt stands for, for "x" + cp + "x". */
+static void expand_kind(const char *kind, uint32_t cp, char *out)
+{
+    char *p = out;
+    if (kind == NULL || strcmp(kind, "-") == 0) {
+        p = put_utf8(p, 'x');
+        p = put_utf8(p, cp);
+        put_utf8(p, 'x');
+    } else if (strcmp(kind, "R") == 0) {
+        strcpy(out, "xx");
+    } else if (strcmp(kind, "S") == 0) {
+        strcpy(out, "x x");
+    } else if (kind[0] == 'I' || kind[0] == 'A') {
+        uint32_t target = kind[1] == '=' ? (uint32_t)strtoul(kind + 2, NULL, 16) : (uint32_t)((long)cp + strtol(kind + 1, NULL, 10));
+        p = put_utf8(p, 'x');
+        if (kind[0] == 'A') p = put_utf8(p, ' ');
+        p = put_utf8(p, target);
+        if (kind[0] == 'A') p = put_utf8(p, ' ');
+        put_utf8(p, 'x');
+    } else if (strcmp(kind, "H") == 0) {
+        /* The Hangul syllable decomposition of the Unicode standard, section 3.12. */
+        uint32_t s = cp - 0xAC00;
+        p = put_utf8(p, 'x');
+        p = put_utf8(p, 0x1100 + s / 588);
+        p = put_utf8(p, 0x1161 + (s % 588) / 28);
+        if (s % 28) p = put_utf8(p, 0x11A7 + s % 28);
+        put_utf8(p, 'x');
+    } else if (kind[0] == 'X') {
+        const char *q = kind + 1;
+        *p = '\0';
+        while (*q) {
+            char *end;
+            p = put_utf8(p, (uint32_t)strtoul(q, &end, 16));
+            q = *end == ',' ? end + 1 : end;
+            if (end == q && *q) break;
+        }
+    } else {
+        strcpy(out, "?");
+    }
+}
+
+/* One line of hf_unicode.txt or hf_unicode_differences.txt. */
+typedef struct unicode_range {
+    uint32_t first, last;
+    char kind[64];    /* Hugging Face's kind */
+    char codir[64];   /* differences only: codir.h's kind */
+} unicode_range;
+
+/* Parses the lines of one mode ('u' or 'c') into ranges sorted by first. */
+static unicode_range *parse_unicode_ranges(char *text, char mode, int differences, int *count)
+{
+    unicode_range *ranges = NULL;
+    int n = 0, capacity = 0;
+    char *line, *save = NULL, *copy = (char *)malloc(strlen(text) + 1);
+    if (!copy) return NULL;
+    strcpy(copy, text);
+    for (line = strtok(copy, "\n"); line; line = strtok(NULL, "\n")) {
+        unicode_range r;
+        unsigned first, last;
+        char m;
+        (void)save;
+        if (line[0] != mode) continue;
+        memset(&r, 0, sizeof r);
+        if (differences) {
+            if (sscanf(line, "%c %x %x hf=%63s codir=%63s", &m, &first, &last, r.kind, r.codir) != 5) continue;
+        } else if (sscanf(line, "%c %x %x %63s", &m, &first, &last, r.kind) != 4) {
+            continue;
+        }
+        r.first = first;
+        r.last = last;
+        if (n == capacity) {
+            unicode_range *grown;
+            capacity = capacity ? 2 * capacity : 512;
+            grown = (unicode_range *)realloc(ranges, (size_t)capacity * sizeof *ranges);
+            if (!grown) break;
+            ranges = grown;
+        }
+        ranges[n++] = r;
+    }
+    free(copy);
+    *count = n;
+    return ranges;
+}
+
+static void test_tokenizer_hf_every_code_point(void)
+{
+    char *hf_text, *diff_text;
+    size_t length;
+    int mode_index;
+
+    hf_text = read_fixture("hf_unicode.txt", &length);
+    diff_text = read_fixture("hf_unicode_differences.txt", &length);
+    if (!hf_text || !diff_text) {
+        free(hf_text);
+        free(diff_text);
+        return;
+    }
+    for (mode_index = 0; mode_index < 2; mode_index++) {
+        char mode = mode_index == 0 ? 'u' : 'c';
+        int range_count = 0, diff_count = 0, r = 0, d = 0, failures = 0, differences = 0;
+        unicode_range *ranges = parse_unicode_ranges(hf_text, mode, 0, &range_count);
+        unicode_range *diffs = parse_unicode_ranges(diff_text, mode, 1, &diff_count);
+        uint32_t cp;
+        CHECK(range_count > 100, "hf_unicode.txt has %d ranges for mode %c", range_count, mode);
+        /* NUL cannot be inside a C string; Hugging Face drops it like codir.h would. */
+        for (cp = 1; cp <= 0x10FFFF && failures < 5; cp++) {
+            char text[16], got[64], want[64], *p;
+            const char *kind = NULL;
+            int listed, n;
+            if (cp >= 0xD800 && cp <= 0xDFFF) continue;
+            while (r < range_count && ranges[r].last < cp) r++;
+            if (r < range_count && ranges[r].first <= cp) kind = ranges[r].kind;
+            while (d < diff_count && diffs[d].last < cp) d++;
+            listed = d < diff_count && diffs[d].first <= cp;
+
+            p = put_utf8(text, 'x');
+            p = put_utf8(p, cp);
+            put_utf8(p, 'x');
+            n = codir_pretokenize(text, mode == 'u', got, sizeof got);
+            expand_kind(kind, cp, want);
+            if (!listed) {
+                if (n < 0 || strcmp(got, want) != 0) {
+                    CHECK(0, "U+%04X (%s): codir.h gives \"%s\", Hugging Face \"%s\"", (unsigned)cp,
+                          mode == 'u' ? "uncased" : "cased", got, want);
+                    failures++;
+                }
+            } else {
+                char documented[64];
+                expand_kind(diffs[d].codir, cp, documented);
+                differences++;
+                if (strcmp(got, want) == 0 || strcmp(got, documented) != 0) {
+                    CHECK(0, "U+%04X (%s) is listed in hf_unicode_differences.txt, but codir.h gives \"%s\", "
+                          "Hugging Face \"%s\", the list \"%s\"; regenerate the list with make_unicode_tables.py",
+                          (unsigned)cp, mode == 'u' ? "uncased" : "cased", got, want, documented);
+                    failures++;
+                }
+            }
+        }
+        CHECK(differences > 0 && differences < 1000, "%d documented differences for mode %c", differences, mode);
+        free(ranges);
+        free(diffs);
+    }
+    free(hf_text);
+    free(diff_text);
+}
+
 const test_case tests_text[] = {
     {"text tokenizer longest match", test_tokenizer_longest_match},
     {"text tokenizer whole-word unk", test_tokenizer_whole_word_unk},
     {"text tokenizer punctuation split", test_tokenizer_punctuation_split},
-    {"text tokenizer lowercase ascii only", test_tokenizer_lowercase},
+    {"text tokenizer lowercase strips accents", test_tokenizer_lowercase},
+    {"text tokenizer pretokenize", test_tokenizer_pretokenize},
     {"text tokenizer long word", test_tokenizer_long_word},
     {"text tokenizer control characters", test_tokenizer_control_chars},
     {"text tokenizer cjk split", test_tokenizer_cjk_split},
     {"text tokenizer invalid utf-8", test_tokenizer_invalid_utf8},
     {"text tokenizer count like snprintf", test_tokenizer_count_like_snprintf},
     {"text encode truncation", test_encode_truncation},
+    {"tokenizer hf hard cases", test_tokenizer_hf_hard_cases},
+    {"tokenizer hf sentence pairs", test_tokenizer_hf_pairs},
+    {"tokenizer hf corpora", test_tokenizer_hf_corpora},
+    {"tokenizer hf every code point", test_tokenizer_hf_every_code_point},
     {"text vocab load crlf", test_vocab_load_crlf},
     {"text vocab load missing special", test_vocab_load_missing_special},
     {"text vocab load missing file", test_vocab_load_missing_file},
@@ -1014,5 +1948,12 @@ const test_case tests_text[] = {
     {"text tsv bad label", test_tsv_bad_label},
     {"text tsv missing column", test_tsv_missing_column},
     {"text tsv empty or missing file", test_tsv_empty_and_missing_files},
+    {"text encode pair types", test_encode_pair_types},
+    {"text encode pair truncation", test_encode_pair_truncation},
+    {"text tsv glue pair layouts", test_tsv_glue_pair_layouts},
+    {"text tsv mnli labels stable", test_tsv_mnli_labels_stable},
+    {"text tsv label names from train", test_tsv_label_names_from_train},
+    {"text tsv pair bad rows", test_tsv_pair_bad_rows},
+    {"text tsv cola without header", test_tsv_cola_without_header},
 };
 const int tests_text_count = (int)(sizeof tests_text / sizeof tests_text[0]);
