@@ -1181,6 +1181,31 @@ CODIR_DEF int codir_spearman(const float *x, const float *y, int n, double *out)
 CODIR_DEF int codir_evaluate(codir_ctx *ctx, const codir_model *model, const codir_encoded *enc,
                              int batch_size, codir_scores *scores);
 
+/* Everything that a resumed run needs to continue bit for bit where a saved one
+   stopped: parameters, AdamW moments and step counts, projection heads, memory banks,
+   the sampler's and the caller's random states, the NCE normalizers and the epoch.
+   Only `model` is required; NULL members are neither saved nor loaded. */
+typedef struct codir_train_state {
+    codir_model *model;
+    codir_adamw *opt;           /* the model's optimizer */
+    codir_distiller *distiller; /* heads, banks, sampler state, NCE normalizers */
+    codir_adamw *opt_heads;     /* the heads' optimizer */
+    uint64_t *rng;              /* the caller's shuffling state; for a bit-identical resume the
+                                   data order must follow from it, e.g. by shuffling the
+                                   identity order at the start of each epoch */
+    long epoch;                 /* the caller's position, e.g. epochs completed */
+} codir_train_state;
+
+/* Writes the state as one safetensors file (tensors "model.*", "adam_m.model.*", ...,
+   "bank.teacher"; scalars in its metadata), to `path`.tmp first and then renamed over
+   `path`, so a run killed at any moment leaves the old or the new file whole.
+   NOTE: C11 has no fsync, so after a power loss (unlike a killed process) the new file
+   may be incomplete on file systems that reorder writes. */
+CODIR_DEF int codir_checkpoint_save(const char *path, const codir_train_state *state);
+/* Reads a checkpoint into objects created with the same shapes as the saved ones. On
+   failure the objects may be partly overwritten and should be discarded. */
+CODIR_DEF int codir_checkpoint_load(const char *path, codir_train_state *state);
+
 /* Masked-LM pre-training and CoDIR-Pre. */
 /* ---- masked-LM pre-training and CoDIR-Pre ----
 
@@ -1309,7 +1334,8 @@ CODIR_DEF int codir_mlm_step(codir_ctx *ctx, codir_model *model, codir_adamw *op
    (1 - beta) L_mlm + beta L_kd + lambda L_crd (weights and T from d->cfg), and the bank
    rows of the batch's segments move toward the new teacher projections. Both models
    need cfg.mlm_head and the same vocabulary. terms->task receives L_mlm. Without
-   chosen positions, L_mlm and L_kd are left out for that batch. */
+   chosen positions, L_mlm and L_kd are left out for that batch, and with lambda 0 as
+   well the step changes nothing. */
 CODIR_DEF int codir_pretrain_distill_step(codir_ctx *ctx, codir_model *student, const codir_model *teacher,
                                           codir_distiller *d, codir_adamw *opt_student, codir_adamw *opt_heads,
                                           const codir_mlm_batch *mb, float lr, codir_loss_terms *terms);
@@ -9274,7 +9300,10 @@ static int codir__char_class(uint32_t cp)
 }
 
 /* Writes the uncased form of cp (up to 3 characters) to out and returns its length,
-   0 for a character of category Mn. */
+   0 for a character of category Mn.
+   NOTE: characters are mapped one at a time, so NFD's canonical reordering is left
+   out. After Mn is dropped it could only reorder adjacent characters among 25 Mc
+   characters with a nonzero combining class (such as U+1D165 and U+1D16D). */
 static int codir__uncased_form(uint32_t cp, uint32_t *out)
 {
     size_t low = 0, high = sizeof codir__fold_runs / sizeof codir__fold_runs[0], i;
@@ -9984,6 +10013,173 @@ done:
     return rc;
 }
 
+/* ---- training checkpoints ---- */
+
+/* Returns "prefix.name" in buf[size] (truncated names are rejected by the caller's
+   uniqueness: names are short). */
+static const char *codir__ckpt_name(char *buf, size_t size, const char *prefix, const char *name)
+{
+    snprintf(buf, size, "%s.%s", prefix, name);
+    return buf;
+}
+
+/* Appends one entry per tensor of params, with data taken at `values` (the values,
+   or an optimizer moment laid out like them), to w[*n]; names go to names[*n]. */
+static void codir__ckpt_add(codir_st_write *w, char (*names)[160], int *n, const codir_params *params,
+                            const float *values, const char *prefix)
+{
+    int i, k;
+    for (i = 0; i < params->num_tensors; i++) {
+        const codir_tensor *t = &params->tensors[i];
+        codir_st_write *e = &w[*n];
+        e->name = codir__ckpt_name(names[*n], sizeof names[*n], prefix, t->name);
+        e->ndim = t->ndim;
+        for (k = 0; k < CODIR_ST_MAX_DIMS; k++) e->shape[k] = k < t->ndim ? t->shape[k] : 1;
+        e->data = values + (t->data - params->data);
+        (*n)++;
+    }
+}
+
+/* Appends a [rows, cols] float array as one entry. */
+static void codir__ckpt_add_array(codir_st_write *w, int *n, const char *name, const float *data, int rows, int cols)
+{
+    codir_st_write *e = &w[*n];
+    int k;
+    e->name = name;
+    e->ndim = 2;
+    for (k = 0; k < CODIR_ST_MAX_DIMS; k++) e->shape[k] = 1;
+    e->shape[0] = rows;
+    e->shape[1] = cols;
+    e->data = data;
+    (*n)++;
+}
+
+CODIR_DEF int codir_checkpoint_save(const char *path, const codir_train_state *s)
+{
+    codir_st_write *w;
+    char (*names)[160];
+    char values[8][64];
+    const char *meta[16];
+    int n = 0, m = 0, max = 0, rc;
+    const codir_distiller *d = s->distiller;
+    if (!s->model) return codir__fail(CODIR_ERR_INVALID, "checkpoint %s: no model to save", path);
+    max = s->model->params.num_tensors * 3 + (d ? d->params.num_tensors * 3 + 2 : 0);
+    w = (codir_st_write *)codir__calloc((size_t)max, sizeof *w);
+    names = (char(*)[160])codir__calloc((size_t)max, 160);
+    if (!w || !names) {
+        codir__free(w);
+        codir__free(names);
+        return CODIR_ERR_NOMEM;
+    }
+
+    /* Tensors: parameters, AdamW moments, heads, memory banks. */
+    codir__ckpt_add(w, names, &n, &s->model->params, s->model->params.data, "model");
+    if (s->opt) {
+        codir__ckpt_add(w, names, &n, &s->model->params, s->opt->m, "adam_m.model");
+        codir__ckpt_add(w, names, &n, &s->model->params, s->opt->v, "adam_v.model");
+    }
+    if (d) {
+        codir__ckpt_add(w, names, &n, &d->params, d->params.data, "heads");
+        if (s->opt_heads) {
+            codir__ckpt_add(w, names, &n, &d->params, s->opt_heads->m, "adam_m.heads");
+            codir__ckpt_add(w, names, &n, &d->params, s->opt_heads->v, "adam_v.heads");
+        }
+        codir__ckpt_add_array(w, &n, "bank.teacher", d->bank, d->num_examples, d->cfg.proj_dim);
+        if (d->bank_s) codir__ckpt_add_array(w, &n, "bank.student", d->bank_s, d->num_examples, d->cfg.proj_dim);
+    }
+
+    /* Scalars as metadata text: integers in decimal, doubles with 17 digits, which
+       round-trip exactly through strtod. */
+    snprintf(values[0], sizeof values[0], "%ld", s->opt ? s->opt->step : 0L);
+    snprintf(values[1], sizeof values[1], "%ld", s->opt_heads ? s->opt_heads->step : 0L);
+    snprintf(values[2], sizeof values[2], "%llu", (unsigned long long)(s->rng ? *s->rng : 0));
+    snprintf(values[3], sizeof values[3], "%llu", (unsigned long long)(d ? d->rng : 0));
+    snprintf(values[4], sizeof values[4], "%.17g", d ? d->log_z_t : 0.0);
+    snprintf(values[5], sizeof values[5], "%.17g", d ? d->log_z_s : 0.0);
+    snprintf(values[6], sizeof values[6], "%d", d ? d->z_ready : 0);
+    snprintf(values[7], sizeof values[7], "%ld", s->epoch);
+    meta[m++] = "adam_step.model", meta[m++] = values[0];
+    meta[m++] = "adam_step.heads", meta[m++] = values[1];
+    meta[m++] = "rng.user", meta[m++] = values[2];
+    meta[m++] = "rng.sampler", meta[m++] = values[3];
+    meta[m++] = "nce.log_z_teacher_anchor", meta[m++] = values[4];
+    meta[m++] = "nce.log_z_student_anchor", meta[m++] = values[5];
+    meta[m++] = "nce.ready", meta[m++] = values[6];
+    meta[m++] = "epoch", meta[m++] = values[7];
+    rc = codir_safetensors_write(path, w, n, meta, m / 2);
+    codir__free(w);
+    codir__free(names);
+    return rc;
+}
+
+/* Reads every tensor of params under `prefix` into `values`. */
+static int codir__ckpt_read(const codir_safetensors *st, const codir_params *params, float *values, const char *prefix)
+{
+    char name[160];
+    int i, rc;
+    for (i = 0; i < params->num_tensors; i++) {
+        const codir_tensor *t = &params->tensors[i];
+        const codir_st_tensor *e = codir_safetensors_find(st, codir__ckpt_name(name, sizeof name, prefix, t->name));
+        if (!e) return codir__fail(CODIR_ERR_PARSE, "checkpoint %s: tensor %s is missing", st->path, name);
+        rc = codir_safetensors_read_f32(st, name, values + (t->data - params->data), t->numel);
+        if (rc) return rc;
+    }
+    return CODIR_OK;
+}
+
+/* Parses metadata `key` as a signed or unsigned integer, or a double. */
+static int codir__ckpt_meta(const codir_safetensors *st, const char *key, int kind, void *out)
+{
+    const char *text = codir_safetensors_metadata(st, key);
+    char *end;
+    errno = 0;
+    if (!text) return codir__fail(CODIR_ERR_PARSE, "checkpoint %s: metadata %s is missing", st->path, key);
+    if (kind == 0) *(long *)out = strtol(text, &end, 10);
+    else if (kind == 1) *(uint64_t *)out = (uint64_t)strtoull(text, &end, 10);
+    else *(double *)out = strtod(text, &end);
+    if (end == text || *end != '\0' || errno)
+        return codir__fail(CODIR_ERR_PARSE, "checkpoint %s: metadata %s = \"%s\" is not a number", st->path, key, text);
+    return CODIR_OK;
+}
+
+CODIR_DEF int codir_checkpoint_load(const char *path, codir_train_state *s)
+{
+    codir_safetensors *st;
+    codir_distiller *d = s->distiller;
+    long z_ready = 0, step = 0;
+    uint64_t u = 0;
+    int rc;
+    if (!s->model) return codir__fail(CODIR_ERR_INVALID, "checkpoint %s: no model to load into", path);
+    st = codir_safetensors_open(path);
+    if (!st) return CODIR_ERR_IO;
+
+    /* Read everything into the objects; on failure they may be partly overwritten,
+       which the caller discards. */
+    rc = codir__ckpt_read(st, &s->model->params, s->model->params.data, "model");
+    if (!rc && s->opt) rc = codir__ckpt_read(st, &s->model->params, s->opt->m, "adam_m.model");
+    if (!rc && s->opt) rc = codir__ckpt_read(st, &s->model->params, s->opt->v, "adam_v.model");
+    if (!rc && s->opt) rc = codir__ckpt_meta(st, "adam_step.model", 0, &s->opt->step);
+    if (!rc && d) rc = codir__ckpt_read(st, &d->params, d->params.data, "heads");
+    if (!rc && d && s->opt_heads) rc = codir__ckpt_read(st, &d->params, s->opt_heads->m, "adam_m.heads");
+    if (!rc && d && s->opt_heads) rc = codir__ckpt_read(st, &d->params, s->opt_heads->v, "adam_v.heads");
+    if (!rc && d && s->opt_heads) rc = codir__ckpt_meta(st, "adam_step.heads", 0, &s->opt_heads->step);
+    if (!rc && d)
+        rc = codir_safetensors_read_f32(st, "bank.teacher", d->bank, (size_t)d->num_examples * (size_t)d->cfg.proj_dim);
+    if (!rc && d && d->bank_s)
+        rc = codir_safetensors_read_f32(st, "bank.student", d->bank_s, (size_t)d->num_examples * (size_t)d->cfg.proj_dim);
+    if (!rc && d) rc = codir__ckpt_meta(st, "rng.sampler", 1, &d->rng);
+    if (!rc && d) rc = codir__ckpt_meta(st, "nce.log_z_teacher_anchor", 2, &d->log_z_t);
+    if (!rc && d) rc = codir__ckpt_meta(st, "nce.log_z_student_anchor", 2, &d->log_z_s);
+    if (!rc && d) rc = codir__ckpt_meta(st, "nce.ready", 0, &z_ready);
+    if (!rc && d) d->z_ready = (int)z_ready;
+    if (!rc && s->rng) rc = codir__ckpt_meta(st, "rng.user", 1, &u);
+    if (!rc && s->rng) *s->rng = u;
+    if (!rc) rc = codir__ckpt_meta(st, "epoch", 0, &step);
+    if (!rc) s->epoch = step;
+    codir_safetensors_close(st);
+    return rc;
+}
+
 /* ===================================================================================
    Masked-LM pre-training and CoDIR-Pre (implementation)
    =================================================================================== */
@@ -10084,6 +10280,7 @@ CODIR_DEF codir_corpus *codir_corpus_load(const char *path)
     FILE *f;
     char *data = NULL;
     size_t length = 0, cap = 0;
+    int out_of_memory = 0, read_error;
     codir_corpus *c;
     if (!path) {
         codir__fail(CODIR_ERR_INVALID, "codir_corpus_load: path is NULL");
@@ -10095,37 +10292,28 @@ CODIR_DEF codir_corpus *codir_corpus_load(const char *path)
         return NULL;
     }
 
-    /* Read in growing blocks: C11 has no portable way to ask for a file's size. */
+    /* Read in doubling blocks: C11 has no portable way to ask for a file's size. */
     for (;;) {
         size_t got;
         if (length == cap) {
-            size_t grown = cap ? cap * 2 : (size_t)1 << 16;
-            char *bigger;
-            if (grown < cap) {
-                codir__fail(CODIR_ERR_OVERFLOW, "%s is too large to read into memory", path);
+            char *bigger = cap > SIZE_MAX / 2 ? NULL : (char *)codir__realloc(data, cap ? cap * 2 : (size_t)1 << 16);
+            if (!bigger) {
+                out_of_memory = 1;
                 break;
             }
-            bigger = (char *)codir__realloc(data, grown);
-            if (!bigger) break;
             data = bigger;
-            cap = grown;
+            cap = cap ? cap * 2 : (size_t)1 << 16;
         }
         got = fread(data + length, 1, cap - length, f);
         length += got;
-        if (got == 0) break;
+        if (length < cap) break;
     }
-    if (ferror(f) || length < cap) {
-        int failed = ferror(f);
-        fclose(f);
-        if (failed) {
-            codir__free(data);
-            codir__fail(CODIR_ERR_IO, "reading %s failed", path);
-            return NULL;
-        }
-    } else {
-        /* The loop above stopped on an allocation failure. */
-        fclose(f);
+    read_error = ferror(f);
+    fclose(f);
+    if (out_of_memory || read_error) {
         codir__free(data);
+        if (out_of_memory) codir__fail(CODIR_ERR_NOMEM, "out of memory reading %s", path);
+        else codir__fail(CODIR_ERR_IO, "reading %s failed", path);
         return NULL;
     }
     c = codir_corpus_parse(data, length, path);
@@ -10199,14 +10387,15 @@ static int codir__tokenize_corpus(const codir_vocab *vocab, const codir_corpus *
     size_t cap = 1 << 16, used = 0;
     int *pieces = (int *)codir__calloc(cap, sizeof(int));
     size_t *line_start = (size_t *)codir__calloc((size_t)corpus->num_lines + 1, sizeof(size_t));
-    int i;
+    int i, rc = CODIR_ERR_NOMEM;
     if (!pieces || !line_start) goto fail;
     for (i = 0; i < corpus->num_lines; i++) {
         int room = cap - used > (size_t)INT_MAX ? INT_MAX : (int)(cap - used);
         int n = codir_tokenize(vocab, corpus->lines[i], pieces + used, room);
         line_start[i] = used;
         if (n < 0) {
-            codir__fail(n, "%s:%d: tokenizing failed: %s", corpus->name, corpus->line_numbers[i], codir_last_error());
+            rc = codir__fail(n, "%s:%d: tokenizing failed: %s", corpus->name, corpus->line_numbers[i],
+                             codir_last_error());
             goto fail;
         }
         if ((size_t)n > cap - used) {
@@ -10215,7 +10404,7 @@ static int codir__tokenize_corpus(const codir_vocab *vocab, const codir_corpus *
             int *bigger;
             while (grown < need) {
                 if (grown > SIZE_MAX / 2 / sizeof(int)) {
-                    codir__fail(CODIR_ERR_OVERFLOW, "%s: too many pieces to hold in memory", corpus->name);
+                    rc = codir__fail(CODIR_ERR_OVERFLOW, "%s: too many pieces to hold in memory", corpus->name);
                     goto fail;
                 }
                 grown *= 2;
@@ -10236,7 +10425,7 @@ static int codir__tokenize_corpus(const codir_vocab *vocab, const codir_corpus *
 fail:
     codir__free(pieces);
     codir__free(line_start);
-    return codir_last_error()[0] ? CODIR_ERR_INVALID : CODIR_ERR_NOMEM;
+    return rc;
 }
 
 CODIR_DEF codir_encoded *codir_segment_corpus(const codir_vocab *vocab, const codir_corpus *corpus, int max_len)
@@ -10253,7 +10442,6 @@ CODIR_DEF codir_encoded *codir_segment_corpus(const codir_vocab *vocab, const co
                     max_len);
         return NULL;
     }
-    codir_clear_error();
     if (codir__tokenize_corpus(vocab, corpus, &pieces, &line_start)) return NULL;
 
     /* Count the segments, then record their ranges. */
@@ -10297,10 +10485,6 @@ fail:
     codir_encoded_free(enc);
     enc = NULL;
 done:
-    if (!enc) {
-        codir_encoded_free(enc);
-        enc = NULL;
-    }
     codir__free(pieces);
     codir__free(line_start);
     codir__free(begin);
@@ -10423,7 +10607,7 @@ CODIR_DEF int codir_mlm_mask(codir_mlm_batch *mb, const codir_batch *batch, cons
     for (b = 0; b < B; b++) {
         const int *ids = batch->ids.data + (size_t)b * T, *mask = batch->mask.data + (size_t)b * T;
         int *out = mb->masked_ids + (size_t)b * T, *pos = mb->positions + mb->count;
-        uint64_t key = codir__hash64(seed, (uint64_t)(int64_t)batch->example_ids.data[b]);
+        uint64_t key = codir__hash64(codir__hash64(seed, 0x6d6c6dull), (uint64_t)(int64_t)batch->example_ids.data[b]);
         int eligible = 0, want, chosen = 0;
 
         /* The segment's eligible tokens: not padding, not special. */
@@ -10567,7 +10751,6 @@ static int codir__pretrain_backward(codir_ctx *ctx, codir_model *student, const 
     terms->total = loss->data[0];
     rc = codir__check_terms(terms, step);
     if (rc) return rc;
-    if (!loss->grad) return CODIR_OK;
 
     /* 4. Backward into the student and both projection heads. */
     *zt_out = zt;
@@ -10588,6 +10771,7 @@ CODIR_DEF int codir_pretrain_distill_step(codir_ctx *ctx, codir_model *student, 
     if (student->cfg.vocab_size != teacher->cfg.vocab_size)
         return codir__fail(CODIR_ERR_INVALID, "student vocabulary %d differs from the teacher's %d",
                            student->cfg.vocab_size, teacher->cfg.vocab_size);
+    if (mb->count == 0 && d->cfg.lambda == 0.0f) return CODIR_OK;
     codir_params_zero_grad(&student->params);
     codir_params_zero_grad(&d->params);
     rc = codir__pretrain_backward(ctx, student, teacher, d, mb, step, terms, &zt);

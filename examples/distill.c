@@ -278,6 +278,7 @@ static int train(run_data *rd, const char *name, int seed, codir_model *model, c
         double t0 = now_seconds(), sums[4] = {0, 0, 0, 0};
         long start, n_steps = 0;
         codir_scores dev;
+        for (i = 0; i < rd->train->count; i++) rd->order[i] = i;
         codir_shuffle(rd->order, rd->train->count, &rng);
         codir_bucket_by_length(rd->order, rd->train->count, rd->train, 16 * o->batch_size, o->batch_size, &rng);
         for (start = 0; start < rd->train->count; start += o->batch_size, step++) {

@@ -312,6 +312,7 @@ int main(int argc, char **argv)
         double t0 = now_seconds(), loss_sum = 0.0;
         int start, steps = 0;
         codir_scores scores;
+        for (i = 0; i < train->count; i++) order[i] = i;
         codir_shuffle(order, train->count, &rng);
         codir_bucket_by_length(order, train->count, train, 16 * o.batch_size, o.batch_size, &rng);
         for (start = 0; start < train->count; start += o.batch_size, step++, steps++) {
