@@ -28,13 +28,15 @@
      1. Configuration and API         declarations, options, error handling
      2. Tensors and memory            parameters, arena, tensors
      3. Kernels                       forward/backward pairs on plain float arrays
-     4. GEMM                          C = alpha op(A) op(B) + beta C
+     4. GEMM                          C = alpha op(A) op(B) + beta C, packed SIMD kernels
      5. Autograd                      tape of ops that call the kernels
-     6. Transformer                   BERT-style post-LayerNorm encoder
-     7. Losses                        task, KD and the contrastive term, memory bank
+     6. Transformer                   BERT-style post-LayerNorm encoder and its heads;
+                                      safetensors checkpoints and Hugging Face folders
+     7. Losses                        task, KD and the contrastive term, memory banks
      8. Optimizer                     AdamW with linear warmup and decay
-     9. Data and tokenizer            WordPiece, vocabulary builder, TSV, batches
-    10. Training loop                 task step, CoDIR step, evaluation
+     9. Data and tokenizer            WordPiece, vocabulary builder, GLUE TSV, batches
+    10. Training loop                 task and CoDIR steps, teacher cache, metrics,
+                                      training checkpoints, masked-LM pre-training
 
    Compile-time options (define before the #include that has CODIR_IMPLEMENTATION,
    or before every #include for CODIR_STATIC):
@@ -46,16 +48,18 @@
      CODIR_NO_SIMD      use the portable scalar GEMM micro-kernel only
 
    Quick start: examples/distill.c trains a teacher on review sentences and distils it
-   into a student with half the layers.
+   into a student with half the layers; examples/train.c fine-tunes one model on a GLUE
+   task folder; examples/pretrain.c pre-trains and pre-distils with masked-LM.
 
    Limitations:
      - float32 on the CPU only; no mixed precision.
-     - Single sentences only in this version: no sentence pairs, no regression head,
-       no masked-LM head.
-     - The contrastive term implements the InfoNCE form with mean pooling only.
-     - The tokenizer lowercases and splits ASCII punctuation; it does not apply
-       Unicode normalization or accent stripping, so it can differ from Hugging Face's
-       BERT tokenizer on non-ASCII text.
+     - No dropout on attention probabilities (BERT's attention_probs_dropout_prob);
+       dropout is applied to the embeddings, the sub-block outputs and the classifier.
+     - The tokenizer supports BERT's uncased (lowercase and strip accents) and cased
+       set-ups, with Unicode 14 tables; see the tokenizer section for the code points
+       where Hugging Face tokenizers' older tables differ.
+     - Checkpoint writes are atomic against a killed process, but C11 has no fsync, so
+       they are not durable against a power loss.
 */
 #ifndef CODIR_H
 #define CODIR_H
@@ -770,7 +774,8 @@ typedef struct codir_distill_config {
     int pooling;                /* CODIR_POOL_MEAN or CODIR_POOL_FIRST */
     float neg_margin;           /* regression: negatives are examples whose target differs
                                    by more than this; 0.5 */
-    double max_bank_bytes;      /* refuse memory banks larger than this; 4 GiB */
+    double max_bank_bytes;      /* reject memory banks (both banks in NCE mode) larger than
+                                   this; 4 GiB */
     int negatives_from;         /* CODIR_NEG_OTHER_GROUP or CODIR_NEG_SAME_GROUP */
 } codir_distill_config;
 
@@ -829,10 +834,10 @@ typedef struct codir_loss_terms {
     double total, task, kd, crd;
 } codir_loss_terms;
 
-/* Builds the contrastive term of a batch: mean-pools the mapped layers of student and
-   teacher over non-padding tokens, concatenates them, projects and L2-normalizes both,
-   and scores each student projection against its teacher projection and K bank rows.
-   *zt_out receives the teacher projections [B,D] for codir_bank_update. */
+/* Builds the contrastive term of a batch: pools the mapped layers of student and
+   teacher (cfg.pooling), concatenates them, projects and L2-normalizes both, samples K
+   negatives per example and scores them in cfg.mode (InfoNCE or NCE). *zt_out receives
+   the teacher projections [B,D] for codir_bank_update. */
 CODIR_DEF codir_tensor *codir_crd_loss(codir_ctx *ctx, codir_distiller *d, const codir_output *student,
                                        const codir_output *teacher, const codir_batch *batch,
                                        codir_tensor **zt_out);
@@ -842,7 +847,9 @@ CODIR_DEF codir_tensor *codir_crd_loss_fixed(codir_ctx *ctx, codir_distiller *d,
                                              const codir_output *teacher, const codir_batch *batch, const int *neg,
                                              int K, codir_tensor **zt_out);
 /* Moves bank rows toward new teacher projections: row <- normalize(m row + (1 - m) z).
-   In NCE mode the student bank moves toward d->last_zs the same way. */
+   In NCE mode the student bank moves toward d->last_zs the same way.
+   NOTE: d->last_zs lives in the context's arena, so call this before the next
+   codir_ctx_begin, as the library's training steps do. */
 CODIR_DEF void codir_bank_update(codir_distiller *d, const float *z, const int *example_ids, int B);
 
 /* ===================================================================================
@@ -1789,16 +1796,18 @@ CODIR_DEF int codir_linear_backward(struct codir_gemm_ws *ws, float *dinp, float
 CODIR_DEF void codir_add_forward(float *out, const float *a, const float *b, size_t n)
 {
     size_t i;
+    CODIR__OMP_FOR(n)
     for (i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
 CODIR_DEF void codir_add_backward(float *da, float *db, const float *dout, size_t n)
 {
     size_t i;
-    if (da)
-        for (i = 0; i < n; i++) da[i] += dout[i];
-    if (db)
-        for (i = 0; i < n; i++) db[i] += dout[i];
+    CODIR__OMP_FOR(n)
+    for (i = 0; i < n; i++) {
+        if (da) da[i] += dout[i];
+        if (db) db[i] += dout[i];
+    }
 }
 
 /* ---- LayerNorm ---- */
@@ -1884,6 +1893,7 @@ CODIR_DEF void codir_layernorm_backward(float *dinp, float *dgamma, float *dbeta
 CODIR_DEF void codir_gelu_forward(float *out, const float *inp, size_t n)
 {
     size_t i;
+    CODIR__OMP_FOR(8 * n)
     for (i = 0; i < n; i++) out[i] = 0.5f * inp[i] * (1.0f + erff(inp[i] * (float)CODIR__SQRT1_2));
 }
 
@@ -1891,6 +1901,7 @@ CODIR_DEF void codir_gelu_backward(float *dinp, const float *inp, const float *d
 {
     size_t i;
     /* d/dx [x Phi(x)] = Phi(x) + x phi(x) */
+    CODIR__OMP_FOR(16 * n)
     for (i = 0; i < n; i++) {
         float x = inp[i];
         float cdf = 0.5f * (1.0f + erff(x * (float)CODIR__SQRT1_2));
@@ -1902,12 +1913,14 @@ CODIR_DEF void codir_gelu_backward(float *dinp, const float *inp, const float *d
 CODIR_DEF void codir_tanh_forward(float *out, const float *inp, size_t n)
 {
     size_t i;
+    CODIR__OMP_FOR(8 * n)
     for (i = 0; i < n; i++) out[i] = tanhf(inp[i]);
 }
 
 CODIR_DEF void codir_tanh_backward(float *dinp, const float *out, const float *dout, size_t n)
 {
     size_t i;
+    CODIR__OMP_FOR(n)
     for (i = 0; i < n; i++) dinp[i] += dout[i] * (1.0f - out[i] * out[i]);
 }
 
@@ -2162,6 +2175,7 @@ CODIR_DEF void codir_dropout_forward(float *out, const float *inp, size_t n, flo
 {
     float scale = 1.0f / (1.0f - p);
     size_t i;
+    CODIR__OMP_FOR(4 * n)
     for (i = 0; i < n; i++) out[i] = codir__dropout_keep(key, i, p) ? inp[i] * scale : 0.0f;
 }
 
@@ -2169,6 +2183,7 @@ CODIR_DEF void codir_dropout_backward(float *dinp, const float *dout, size_t n, 
 {
     float scale = 1.0f / (1.0f - p);
     size_t i;
+    CODIR__OMP_FOR(4 * n)
     for (i = 0; i < n; i++)
         if (codir__dropout_keep(key, i, p)) dinp[i] += dout[i] * scale;
 }
@@ -4490,9 +4505,10 @@ CODIR_DEF int codir_model_init_from(codir_model *student, const codir_model *tea
         s->max_len != t->max_len || s->type_vocab_size != t->type_vocab_size || s->num_labels != t->num_labels)
         return codir__fail(CODIR_ERR_INVALID,
                            "cannot initialize the student from the teacher: widths differ (hidden %d vs %d, heads %d vs %d, "
-                           "ffn %d vs %d, vocabulary %d vs %d, max_len %d vs %d, labels %d vs %d); initialize randomly instead",
+                           "ffn %d vs %d, vocabulary %d vs %d, max_len %d vs %d, token types %d vs %d, labels %d vs %d); "
+                           "initialize randomly instead",
                            s->hidden, t->hidden, s->num_heads, t->num_heads, s->ffn, t->ffn, s->vocab_size, t->vocab_size,
-                           s->max_len, t->max_len, s->num_labels, t->num_labels);
+                           s->max_len, t->max_len, s->type_vocab_size, t->type_vocab_size, s->num_labels, t->num_labels);
     if (s->num_layers > t->num_layers)
         return codir__fail(CODIR_ERR_INVALID, "the student has %d layers, more than the teacher's %d", s->num_layers,
                            t->num_layers);
@@ -4673,7 +4689,7 @@ static int codir__io_write_file(const char *path, const char *data, size_t n)
     return codir__io_commit(file, tmp_path, path, fwrite(data, 1, n, file) != n);
 }
 
-/* Reads a whole file of at most max_bytes into *data, a NUL-terminated heap buffer. */
+/* Reads a whole file of at most max_bytes into *out, a NUL-terminated heap buffer. */
 static int codir__io_read_file(const char *path, size_t max_bytes, char **out, size_t *length)
 {
     FILE *file = fopen(path, "rb");
@@ -4684,14 +4700,13 @@ static int codir__io_read_file(const char *path, size_t max_bytes, char **out, s
     if (!file) return codir__fail(CODIR_ERR_IO, "failed to open '%s': %s; check the path", path, strerror(errno));
     for (;;) {
         size_t got;
+        if (size > max_bytes) {
+            rc = codir__fail(CODIR_ERR_INVALID, "'%s' is larger than the %zu bytes allowed for it", path, max_bytes);
+            goto fail;
+        }
         if (capacity - size < 2) {
             size_t grown = capacity ? capacity * 2 : 4096;
             char *bigger;
-            if (capacity > max_bytes) {
-                rc = codir__fail(CODIR_ERR_INVALID, "'%s' is larger than the %zu bytes allowed for it", path,
-                                 max_bytes);
-                goto fail;
-            }
             bigger = (char *)codir__realloc(data, grown);
             if (!bigger) {
                 rc = CODIR_ERR_NOMEM;
@@ -4706,6 +4721,10 @@ static int codir__io_read_file(const char *path, size_t max_bytes, char **out, s
     }
     if (ferror(file)) {
         rc = codir__fail(CODIR_ERR_IO, "failed to read '%s'", path);
+        goto fail;
+    }
+    if (size > max_bytes) {
+        rc = codir__fail(CODIR_ERR_INVALID, "'%s' is larger than the %zu bytes allowed for it", path, max_bytes);
         goto fail;
     }
     fclose(file);
@@ -4835,11 +4854,12 @@ static size_t codir__io_utf8_length(const unsigned char *s, size_t available)
     uint32_t cp;
     size_t n, i;
     if (s[0] < 0x80) return 1;
-    if (s[0] >= 0xC2 && s[0] <= 0xDF) n = 2, cp = s[0] & 0x1Fu;
-    else if (s[0] >= 0xE0 && s[0] <= 0xEF) n = 3, cp = s[0] & 0x0Fu;
-    else if (s[0] >= 0xF0 && s[0] <= 0xF4) n = 4, cp = s[0] & 0x07u;
+    if (s[0] >= 0xC2 && s[0] <= 0xDF) n = 2;
+    else if (s[0] >= 0xE0 && s[0] <= 0xEF) n = 3;
+    else if (s[0] >= 0xF0 && s[0] <= 0xF4) n = 4;
     else return 0;
     if (available < n) return 0;
+    cp = s[0] & (0x7Fu >> n); /* the lead byte's payload: 5, 4 or 3 bits */
     for (i = 1; i < n; i++) {
         if ((s[i] & 0xC0) != 0x80) return 0;
         cp = (cp << 6) | (s[i] & 0x3Fu);
@@ -4885,10 +4905,13 @@ typedef struct codir__json_node {
     double number;
 } codir__json_node;
 
-/* A strict RFC 8259 parser for headers and configuration files: no comments, trailing
-   commas, NaN or single quotes; strings must be valid UTF-8 with paired surrogates;
-   objects may not repeat a key. Decoded strings are NUL-terminated in `pool` and may
-   contain NUL themselves (from \u0000). */
+/* A strict RFC 8259 parser for headers and configuration files. It rejects comments,
+   trailing commas, NaN and single quotes, strings that are not valid UTF-8 or hold an
+   unpaired surrogate, and objects that repeat a key. Decoded strings are NUL-terminated
+   in `pool` and may contain NUL themselves (from \u0000).
+   NOTE: every value costs one node (88 bytes on 64-bit hosts), so a hostile 100 MB header
+   of one-digit numbers ("[1,1,1,...]") makes the parser request about 4.4 GB
+   before it fails with CODIR_ERR_NOMEM. */
 typedef struct codir__json {
     const char *text;
     size_t length, pos;
@@ -5590,7 +5613,8 @@ CODIR_DEF codir_safetensors *codir_safetensors_open(const char *path)
 
     /* NOTE: ftell returns a long, so where long has 32 bits (Windows) files of 2 GiB
        and more are rejected here. */
-    if (fseek(file, 0, SEEK_END) != 0 || (end = ftell(file)) < 0 || fseek(file, 0, SEEK_SET) != 0) {
+    end = fseek(file, 0, SEEK_END) == 0 ? ftell(file) : -1;
+    if (end < 0 || fseek(file, 0, SEEK_SET) != 0) {
         codir__fail(CODIR_ERR_IO, "%s: failed to find the file size: %s", path, strerror(errno));
         goto fail;
     }
@@ -5671,11 +5695,13 @@ CODIR_DEF int codir_safetensors_read_f32(const codir_safetensors *st, const char
     enum { CHUNK = 4096 };
     unsigned char bytes[CHUNK * 4];
     const codir_st_tensor *t;
-    FILE *file = (FILE *)st->file;
+    FILE *file;
     uint64_t position;
     size_t done = 0, width;
     char shape_text[200];
 
+    if (!st || !name || (!dst && count > 0))
+        return codir__fail(CODIR_ERR_INVALID, "codir_safetensors_read_f32: st, name or dst is NULL");
     t = codir_safetensors_find(st, name);
     if (!t) return codir__fail(CODIR_ERR_INVALID, "%s: no tensor is named \"%s\"", st->path, name);
     codir__st_shape_text(shape_text, sizeof shape_text, t->ndim, t->shape);
@@ -5685,6 +5711,7 @@ CODIR_DEF int codir_safetensors_read_f32(const codir_safetensors *st, const char
     if (t->dtype != CODIR_ST_F32 && t->dtype != CODIR_ST_F16 && t->dtype != CODIR_ST_BF16)
         return codir__fail(CODIR_ERR_INVALID, "%s: tensor \"%s\" has dtype %s; only F32, F16 and BF16 convert to float32",
                            st->path, name, codir__st_dtype_names[t->dtype]);
+    file = (FILE *)st->file;
     width = codir__st_dtype_sizes[t->dtype];
     position = st->data_start + t->offset;
     if (position > (uint64_t)LONG_MAX)
@@ -6524,7 +6551,7 @@ CODIR_DEF codir_distiller *codir_distiller_create(const codir_distill_config *cf
     d->by_label = (int *)codir__calloc((size_t)num_examples, sizeof(int));
     if (cfg->mode == CODIR_CRD_NCE) d->bank_s = (float *)codir__calloc(bank_n, sizeof(float));
     if (!d->layer_map || !d->bank || !d->labels || !d->by_label || (cfg->mode == CODIR_CRD_NCE && !d->bank_s)) {
-        if (!d->bank || !d->bank_s)
+        if (!d->bank || (cfg->mode == CODIR_CRD_NCE && !d->bank_s))
             codir__fail(CODIR_ERR_NOMEM, "out of memory allocating a memory bank of %d x %d floats", num_examples, D);
         goto fail;
     }
@@ -6631,15 +6658,33 @@ static void codir__floyd_sample(uint64_t *rng, int pool, int K, int *out)
     }
 }
 
-/* Orders example ids by target (ties by id) for the regression sampler. */
-static void codir__sort_by_target(int *order, const float *targets, int n)
+/* A regression target with its example id, for sorting. */
+typedef struct codir__target_id {
+    float target;
+    int id;
+} codir__target_id;
+
+static int codir__compare_target(const void *a, const void *b)
 {
-    int i, j;
+    const codir__target_id *x = (const codir__target_id *)a, *y = (const codir__target_id *)b;
+    if (x->target != y->target) return x->target < y->target ? -1 : 1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+/* Orders example ids by target (ties by id) for the regression sampler. */
+static int codir__sort_by_target(int *order, const float *targets, int n)
+{
+    codir__target_id *pairs = (codir__target_id *)codir__calloc((size_t)(n ? n : 1), sizeof *pairs);
+    int i;
+    if (!pairs) return CODIR_ERR_NOMEM;
     for (i = 0; i < n; i++) {
-        int e = i;
-        for (j = i; j > 0 && targets[order[j - 1]] > targets[e]; j--) order[j] = order[j - 1];
-        order[j] = e;
+        pairs[i].target = targets[i];
+        pairs[i].id = i;
     }
+    qsort(pairs, (size_t)n, sizeof *pairs, codir__compare_target);
+    for (i = 0; i < n; i++) order[i] = pairs[i].id;
+    codir__free(pairs);
+    return CODIR_OK;
 }
 
 CODIR_DEF int codir_distiller_set_targets(codir_distiller *d, const float *targets)
@@ -6661,7 +6706,11 @@ CODIR_DEF int codir_distiller_set_targets(codir_distiller *d, const float *targe
         }
         t[i] = targets[i];
     }
-    codir__sort_by_target(order, t, d->num_examples);
+    if (codir__sort_by_target(order, t, d->num_examples)) {
+        codir__free(t);
+        codir__free(order);
+        return CODIR_ERR_NOMEM;
+    }
     codir__free(d->targets);
     codir__free(d->by_target);
     d->targets = t;
@@ -6932,6 +6981,7 @@ CODIR_DEF void codir_adamw_step(codir_adamw *opt, codir_params *params, float lr
         size_t off = (size_t)(t->data - params->data), k;
         float decay = t->no_decay ? 1.0f : 1.0f - lr * opt->weight_decay;
         float *p = t->data, *g = t->grad, *m = opt->m + off, *v = opt->v + off;
+        CODIR__OMP_FOR(8 * t->numel)
         for (k = 0; k < t->numel; k++) {
             p[k] *= decay;
             m[k] = opt->beta1 * m[k] + (1.0f - opt->beta1) * g[k];

@@ -30,8 +30,8 @@
    two means of similar size), so an element's error scales with the tensor's largest
    gradient, not with its own value: atol is GRAD_ATOL times the largest |want| of the
    tensor. */
-#define GRAD_ATOL 2e-5
-#define GRAD_RTOL 1e-3
+#define GRAD_ATOL 4e-6
+#define GRAD_RTOL 1e-4
 /* Parameters after the step, plus a term per element for the gradient's error (see
    compare_after_step). */
 #define STEP_ATOL 2e-6

@@ -58,7 +58,7 @@ fuzz_one() {
     cov=$(grep -o 'cov: [0-9]*' "$log" | tail -n 1 | grep -o '[0-9]*$')
     units=$(ls "$corpus" | wc -l)
     if [ "$rc" -eq 0 ]; then
-        echo "$name: ok, ${runs:-?} runs in $seconds s, ${cov:-?} coverage points, $units new inputs kept" \
+        echo "$name: ok, ${runs:-?} runs in $seconds s, ${cov:-?} coverage points, corpus of $units inputs" \
             >"$work/$name.summary"
         return 0
     fi
