@@ -687,9 +687,9 @@ CODIR_DEF int codir_safetensors_write(const char *path, const codir_st_write *te
 
    Query, key and value are the three row blocks of codir's stacked qkv_w and qkv_b.
    Linear weights are [out, in] in both libraries, so no tensor is transposed. The tied
-   decoder weight cls.predictions.decoder.weight is not written, as Hugging Face's own
-   safetensors export drops tensors that share memory. vocab.txt belongs in the folder
-   too; save it with codir_vocab_save. */
+   decoder weight cls.predictions.decoder.weight is not written, just as transformers'
+   save_pretrained keeps only one of the tensors that share memory when it writes
+   safetensors. vocab.txt belongs in the folder too; save it with codir_vocab_save. */
 
 /* Writes cfg as a Hugging Face BertConfig config.json: sorted keys, two-space indent,
    id2label and label2id for num_labels labels, and problem_type "regression" when
@@ -712,8 +712,10 @@ CODIR_DEF int codir_config_load(const char *path, codir_config *cfg);
 
 /* Writes dir/model.safetensors (with metadata {"format": "pt"}, which transformers'
    loader checks) and dir/config.json. `dir` must exist. Each file is written to a
-   .tmp file and renamed, so neither is ever left half-written, but a crash between the
-   two renames can leave a new weights file beside an old config.json. */
+   .tmp file and renamed, so a failed save never leaves a half-written file under the
+   final name. A crash between the two renames can leave new weights beside an old
+   config.json, and without fsync (not in C11) a power loss can still lose data that
+   the operating system had not yet written. */
 CODIR_DEF int codir_model_save(const codir_model *model, const char *dir);
 
 /* Loads a model folder written by codir_model_save or by Hugging Face's
@@ -730,7 +732,9 @@ CODIR_DEF int codir_model_save(const codir_model *model, const char *dir);
      cls.predictions.decoder.bias      with the masked-LM head only; another name of
                                        cls.predictions.bias, equal to it if both are given
    The number of attention heads cannot be seen in the weights; it comes from
-   config.json. Returns NULL on failure. */
+   config.json. Returns NULL on failure.
+   NOTE: sharded checkpoints (model.safetensors.index.json), pytorch_model.bin and
+   BertModel checkpoints, whose names lack the "bert." prefix, are not read. */
 CODIR_DEF codir_model *codir_model_load(const char *dir);
 
 /* ===================================================================================
@@ -1068,6 +1072,9 @@ CODIR_DEF codir_dataset *codir_dataset_load_tsv_opts(const char *path, const cod
    label, original label, sentence). Other columns are ignored. Returns NULL on failure,
    with a message naming the expected headers. */
 CODIR_DEF codir_dataset *codir_dataset_load_tsv(const char *path);
+
+/* Keeps the first `count` examples and frees the rest; a larger count changes nothing. */
+CODIR_DEF void codir_dataset_truncate(codir_dataset *data, int count);
 
 /* Frees the dataset, its sentences and label names; NULL is allowed. */
 CODIR_DEF void codir_dataset_free(codir_dataset *data);
@@ -8844,6 +8851,17 @@ CODIR_DEF codir_dataset *codir_dataset_load_tsv(const char *path)
     /* Anything else is read as SST-2 (sentence, label), whose messages name the
        missing columns. */
     return codir_dataset_load_tsv_opts(path, &options);
+}
+
+CODIR_DEF void codir_dataset_truncate(codir_dataset *data, int count)
+{
+    int i;
+    if (count < 0) count = 0;
+    for (i = count; i < data->count; i++) {
+        if (data->texts) codir__free(data->texts[i]);
+        if (data->texts_b) codir__free(data->texts_b[i]);
+    }
+    if (count < data->count) data->count = count;
 }
 
 CODIR_DEF void codir_dataset_free(codir_dataset *data)

@@ -42,7 +42,7 @@ typedef struct options {
     int teacher_epochs, student_epochs;
     float lr, weight_decay, warmup, dropout;
     float beta, temperature, lambda, tau, momentum;
-    int negatives, proj_dim, pooling, cache_mb;
+    int negatives, proj_dim, pooling, cache_mb, train_limit;
 } options;
 
 static void set_defaults(options *o)
@@ -78,6 +78,7 @@ static void set_defaults(options *o)
     o->proj_dim = 128;
     o->pooling = CODIR_POOL_MEAN;
     o->cache_mb = 1024;
+    o->train_limit = 0;
 }
 
 static void print_help(const options *d)
@@ -90,6 +91,7 @@ static void print_help(const options *d)
     printf("  --teacher DIR         load the teacher from a model folder instead of training it\n");
     printf("  --save-teacher DIR    save the trained teacher as a model folder\n");
     printf("  --curves PREFIX       write PREFIX.csv and PREFIX.svg, the training curves (default %s)\n", d->curves);
+    printf("  --train-limit N       use only the first N rows of train.tsv; 0 uses all (default %d)\n", d->train_limit);
     printf("  --vocab-size N        WordPiece vocabulary learned from train.tsv, tokens (default %d)\n", d->vocab_size);
     printf("  --max-len N           longest sequence incl. [CLS] and [SEP], tokens (default %d)\n", d->max_len);
     printf("  --batch N             examples per training step (default %d)\n", d->batch_size);
@@ -179,6 +181,7 @@ static int parse_args(int argc, char **argv, options *o)
         else if (strcmp(a, "--teacher") == 0) ok = (o->teacher_dir = v) != NULL;
         else if (strcmp(a, "--save-teacher") == 0) ok = (o->save_teacher_dir = v) != NULL;
         else if (strcmp(a, "--curves") == 0) ok = (o->curves = v) != NULL;
+        else if (strcmp(a, "--train-limit") == 0) ok = parse_int(a, v, 0, 2000000000L, &o->train_limit);
         else if (strcmp(a, "--vocab-size") == 0) ok = parse_int(a, v, 16, 1000000, &o->vocab_size);
         else if (strcmp(a, "--max-len") == 0) ok = parse_int(a, v, 3, 4096, &o->max_len);
         else if (strcmp(a, "--batch") == 0) ok = parse_int(a, v, 1, 65536, &o->batch_size);
@@ -455,6 +458,7 @@ static codir_encoded *load_split(const options *o, const char *file, codir_vocab
         fprintf(stderr, "distill: %s\n", codir_last_error());
         return NULL;
     }
+    if (o->train_limit > 0 && strcmp(file, "train.tsv") == 0) codir_dataset_truncate(data, o->train_limit);
     if (!*vocab) {
         *vocab = codir_vocab_build((const char *const *)data->texts, data->count, o->vocab_size, 2, 1);
         if (!*vocab) {

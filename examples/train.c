@@ -26,7 +26,7 @@
 typedef struct options {
     const char *data_dir, *out_dir, *init_dir, *vocab_path;
     int vocab_size, max_len, batch_size, micro_batch, epochs, seed, threads;
-    int layers, hidden, heads, ffn, lowercase;
+    int layers, hidden, heads, ffn, lowercase, train_limit;
     float lr, weight_decay, warmup, dropout, clip;
 } options;
 
@@ -53,6 +53,7 @@ static void set_defaults(options *o)
     o->warmup = 0.06f;
     o->dropout = 0.1f;
     o->clip = 0.0f;
+    o->train_limit = 0;
 }
 
 static void print_help(const options *d)
@@ -63,6 +64,7 @@ static void print_help(const options *d)
     printf("  --data DIR          folder with train.tsv and dev.tsv in a GLUE layout (default %s)\n", d->data_dir);
     printf("  --out DIR           model folder to write; created if missing (default %s)\n", d->out_dir);
     printf("  --init DIR          start from this model folder (its config.json and vocab.txt)\n");
+    printf("  --train-limit N     use only the first N rows of train.tsv; 0 uses all (default %d)\n", d->train_limit);
     printf("  --vocab FILE        use this vocab.txt instead of learning one from train.tsv\n");
     printf("  --vocab-size N      tokens of the vocabulary learned from train.tsv (default %d)\n", d->vocab_size);
     printf("  --cased             keep case (default: lowercase, as uncased BERT)\n");
@@ -130,6 +132,7 @@ static int parse_args(int argc, char **argv, options *o)
         else if (strcmp(a, "--out") == 0) ok = (o->out_dir = v) != NULL;
         else if (strcmp(a, "--init") == 0) ok = (o->init_dir = v) != NULL;
         else if (strcmp(a, "--vocab") == 0) ok = (o->vocab_path = v) != NULL;
+        else if (strcmp(a, "--train-limit") == 0) ok = parse_int(a, v, 0, 2000000000L, &o->train_limit);
         else if (strcmp(a, "--vocab-size") == 0) ok = parse_int(a, v, 16, 1000000, &o->vocab_size);
         else if (strcmp(a, "--max-len") == 0) ok = parse_int(a, v, 3, 4096, &o->max_len);
         else if (strcmp(a, "--batch") == 0) ok = parse_int(a, v, 1, 65536, &o->batch_size);
@@ -250,6 +253,7 @@ int main(int argc, char **argv)
     train_data = load(o.data_dir, "train.tsv");
     dev_data = train_data ? load(o.data_dir, "dev.tsv") : NULL;
     if (!train_data || !dev_data) goto done;
+    if (o.train_limit > 0) codir_dataset_truncate(train_data, o.train_limit);
     if (o.init_dir) snprintf(path, sizeof path, "%s/vocab.txt", o.init_dir);
     if (o.init_dir || o.vocab_path) vocab = codir_vocab_load(o.init_dir ? path : o.vocab_path, o.lowercase);
     else vocab = codir_vocab_build((const char *const *)train_data->texts, train_data->count, o.vocab_size, 2, o.lowercase);

@@ -98,8 +98,19 @@ check "distill --help" sh -c "$CC -std=c11 -O2 -fopenmp examples/distill.c -o $b
 check "distill rejects a bad option" sh -c "! $build/distill --heads 3 --hidden 32 2>$build/err.txt && grep -q 'does not divide' $build/err.txt"
 check "distill rejects a missing data folder" sh -c "! $build/distill --data /nonexistent 2>$build/err.txt && grep -q '/nonexistent/train.tsv' $build/err.txt"
 check "distill end to end, tiny" sh -c "$build/distill --teacher-layers 2 --hidden 32 --heads 2 --ffn 64 --vocab-size 600 \
-    --teacher-epochs 1 --student-epochs 1 --negatives 16 --proj-dim 16 >$build/distill.txt &&
-    grep -c '^result model=' $build/distill.txt | grep -qx 3"
+    --teacher-epochs 1 --student-epochs 1 --negatives 16 --proj-dim 16 --curves $build/curves >$build/distill.txt &&
+    grep -c '^result model=' $build/distill.txt | grep -qx 5 && test -s $build/curves.csv && grep -q '</svg>' $build/curves.svg"
+
+echo "== fine-tuning example"
+check "train builds" $CC -std=c11 -O2 -fopenmp examples/train.c -o "$build/train" -lm
+mkdir -p "$build/pairs_model" "$build/pairs_again" "$build/sts_model"
+check "train on sentence pairs, save, reload" sh -c "$build/train --data tests/fixtures/tasks/sentiment-pairs --epochs 1 \
+    --layers 1 --hidden 32 --heads 2 --ffn 64 --vocab-size 800 --out $build/pairs_model >$build/train.txt &&
+    grep -q 'accuracy=' $build/train.txt && test -s $build/pairs_model/model.safetensors &&
+    $build/train --data tests/fixtures/tasks/sentiment-pairs --epochs 1 --init $build/pairs_model --out $build/pairs_again \
+    >$build/train2.txt && grep -q 'saved=' $build/train2.txt"
+check "train on a regression task" sh -c "$build/train --data tests/fixtures/tasks/overlap-sts --epochs 1 --layers 1 \
+    --hidden 32 --heads 2 --ffn 64 --vocab-size 800 --out $build/sts_model >$build/train3.txt && grep -q 'pearson=' $build/train3.txt"
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -187,24 +187,27 @@ static void test_corpus_load_shipped(void)
 
 static void test_segments_hand_packed(void)
 {
-    /* Room for 4 pieces per segment (max_len 6). Document 1 starts with a line of
-       10 pieces, which fills two segments and leaves "o p" open for "q". */
-    static const char text[] = "a b\nc d e\nf\n\ng h i j k l m n o p\nq\nr s t u\n\nv w x y\n";
-    static const char *const want[7] = {"a b", "c d e f", "g h i j", "k l m n", "o p q", "r s t u", "v w x y"};
-    static const int want_doc[7] = {0, 0, 1, 1, 1, 1, 2};
+    /* Room for 4 pieces per segment (max_len 6). "f" would fit after "c d e" but
+       starts document 1; the line of 10 pieces after it fills two segments and
+       leaves "o p" open for "q". */
+    static const char text[] = "a b\nc d e\n\nf\ng h i j k l m n o p\nq\nr s t u\n\nv w x y\n";
+    static const char *const want[8] = {"a b", "c d e", "f", "g h i j", "k l m n", "o p q", "r s t u", "v w x y"};
+    static const int want_doc[8] = {0, 0, 1, 1, 1, 1, 1, 2};
     codir_vocab *vocab = letter_vocab();
     codir_corpus *c = codir_corpus_parse(text, sizeof text - 1, "hand.txt");
     codir_encoded *enc = NULL;
     int s, t;
-    CHECK(vocab && c, "setup failed: %s", codir_last_error());
+    CHECK(vocab != NULL, "vocabulary failed: %s", codir_last_error());
+    CHECK(c != NULL, "corpus failed: %s", codir_last_error());
     if (vocab && c) enc = codir_segment_corpus(vocab, c, 6);
     CHECK(enc != NULL, "segmenting failed: %s", codir_last_error());
     if (enc) {
-        CHECK(enc->count == 7, "%d segments, want 7", enc->count);
+        CHECK(enc->count == 8, "%d segments, want 8", enc->count);
         CHECK(enc->max_len == 6, "row stride %d, want 6", enc->max_len);
         CHECK(enc->num_classes == 3, "num_classes %d, want 3 documents", enc->num_classes);
-        CHECK(enc->types == NULL && enc->targets == NULL, "segments carry types or targets");
-        for (s = 0; s < 7 && s < enc->count; s++) {
+        CHECK(enc->types == NULL, "segments carry token types");
+        CHECK(enc->targets == NULL, "segments carry regression targets");
+        for (s = 0; s < 8 && s < enc->count; s++) {
             int ids[8], n = letter_ids(vocab, want[s], ids);
             const int *row = enc->ids + (size_t)s * enc->max_len;
             CHECK(enc->lengths[s] == n, "segment %d has %d tokens, want %d (\"%s\")", s, enc->lengths[s], n, want[s]);
@@ -218,10 +221,10 @@ static void test_segments_hand_packed(void)
     codir_vocab_free(vocab);
 }
 
-/* Checks the packing rules on a random corpus against each line tokenized alone: per
-   document, the segments' pieces in order are the lines' pieces in order; [CLS] and
-   [SEP] frame every segment; no segment exceeds max_len; a line that fits in one
-   segment is never split; and no segment could have taken the next line. */
+/* Checks the packing rules on a random corpus against each line tokenized alone. Per
+   document, the segments' pieces in order are the lines' pieces in order. [CLS] and
+   [SEP] frame every segment, and no segment exceeds max_len. A line that fits in one
+   segment is never split, and no segment could have taken the next line. */
 static void check_random_packing(int max_len, unsigned long long seed)
 {
     enum { DOCS = 9, MAX_TEXT = 60000 };
@@ -256,8 +259,10 @@ static void check_random_packing(int max_len, unsigned long long seed)
         for (s = 0; s < enc->count && failures == 0; s++) {
             const int *row = enc->ids + (size_t)s * enc->max_len;
             int n = enc->lengths[s], first_line = -1;
-            CHECK(n >= 3 && n <= max_len, "segment %d has %d tokens at max_len %d", s, n, max_len);
-            CHECK(row[0] == vocab->cls_id && row[n - 1] == vocab->sep_id, "segment %d is not framed by [CLS] and [SEP]", s);
+            CHECK(n >= 3, "segment %d has %d tokens, fewer than [CLS], a piece and [SEP]", s, n);
+            CHECK(n <= max_len, "segment %d has %d tokens at max_len %d", s, n, max_len);
+            CHECK(row[0] == vocab->cls_id, "segment %d starts with %d, not [CLS]", s, row[0]);
+            CHECK(row[n - 1] == vocab->sep_id, "segment %d ends with %d, not [SEP]", s, row[n - 1]);
 
             /* Walk the segment's pieces through the lines. */
             for (k = 1; k < n - 1 && failures == 0; k++) {
@@ -299,9 +304,10 @@ static void check_random_packing(int max_len, unsigned long long seed)
                 }
             }
         }
-        if (failures == 0)
-            CHECK(line == c->num_lines - 1 && piece == n_line, "segments end at line %d piece %d of %d lines", line, piece,
-                  c->num_lines);
+        if (failures == 0) {
+            CHECK(line == c->num_lines - 1, "segments end at line %d of %d", line, c->num_lines);
+            CHECK(piece == n_line, "segments end at piece %d of the last line's %d", piece, n_line);
+        }
     }
     codir_encoded_free(enc);
     codir_corpus_free(c);
@@ -379,8 +385,8 @@ static void test_mask_statistics(void)
                 else {
                     random++;
                     random_sum += out;
-                    CHECK(out >= 5 && out < V, "seed %d: random replacement %d at %d is special or out of range", seed,
-                          out, p);
+                    CHECK(out >= 5, "seed %d: random replacement %d at %d is special", seed, out, p);
+                    CHECK(out < V, "seed %d: random replacement %d at %d is outside the vocabulary", seed, out, p);
                 }
                 got++;
                 k++;
@@ -659,10 +665,12 @@ static void test_loss_only_chosen_positions(void)
         memcpy(hidden->data, hidden0, (size_t)B * batch.seq * C * sizeof(float));
         loss = codir_mlm_loss(&ctx, model, hidden, &mb, &logits);
         full = codir_mlm_logits(&ctx, model, hidden, all, B * batch.seq);
-        CHECK(loss && logits && full, "loss failed: %s", codir_last_error());
+        CHECK(loss != NULL, "loss failed: %s", codir_last_error());
+        CHECK(logits != NULL, "the loss returned no logits");
+        CHECK(full != NULL, "full logits failed: %s", codir_last_error());
         if (!loss || !logits || !full) goto done;
-        CHECK(logits->shape[0] == mb.count && logits->shape[1] == V, "logits are [%d, %d], want [%d, %d]", logits->shape[0],
-              logits->shape[1], mb.count, V);
+        CHECK(logits->shape[0] == mb.count, "logits have %d rows, want %d", logits->shape[0], mb.count);
+        CHECK(logits->shape[1] == V, "logits have %d columns, want %d", logits->shape[1], V);
         want = reference_cross_entropy(full->data, mb.positions, mb.targets, mb.count, V);
         check_close("masked-LM loss", &loss->data[0], &want, 1, 1e-5, 1e-5);
         first = loss->data[0];
@@ -690,7 +698,8 @@ static void test_loss_only_chosen_positions(void)
         /* Changing one chosen position does change it. */
         hidden->data[(size_t)mb.positions[0] * C] += 5.0f;
         loss = codir_mlm_loss(&ctx, model, hidden, &mb, NULL);
-        CHECK(loss && loss->data[0] != first, "loss did not move with a chosen position");
+        CHECK(loss != NULL, "loss failed: %s", codir_last_error());
+        CHECK(!loss || loss->data[0] != first, "loss did not move with a chosen position");
     }
 
 done:
@@ -764,7 +773,8 @@ static void test_negatives_same_document(void)
             CHECK(got == K, "anchor %d: %d negatives, want %d", anchor, got, K);
             for (j = 0; j < got; j++) {
                 CHECK(neg[j] != anchor, "anchor %d drew itself", anchor);
-                CHECK(neg[j] >= 0 && neg[j] < N, "anchor %d drew %d", anchor, neg[j]);
+                CHECK(neg[j] >= 0, "anchor %d drew %d", anchor, neg[j]);
+                CHECK(neg[j] < N, "anchor %d drew %d of %d segments", anchor, neg[j], N);
                 for (i = 0; i < j; i++) CHECK(neg[i] != neg[j], "anchor %d drew %d twice", anchor, neg[j]);
                 inside += enc->labels[neg[j]] == doc;
                 hits[neg[j]]++;
@@ -840,8 +850,10 @@ static void test_mlm_step_lowers_loss(void)
         int rc = codir_mlm_step(&ctx, model, &opt, &mb, 3e-3f, &terms);
         CHECK(rc == CODIR_OK, "step %d failed: %s", i, codir_last_error());
         if (rc) goto done;
-        CHECK(terms.total == terms.task && terms.kd == 0.0 && terms.crd == 0.0, "step %d: terms %g %g %g %g", i,
-              terms.total, terms.task, terms.kd, terms.crd);
+        CHECK(terms.total == terms.task, "step %d: total %g differs from the masked-LM loss %g", i, terms.total,
+              terms.task);
+        CHECK(terms.kd == 0.0, "step %d: KD term %g without a teacher", i, terms.kd);
+        CHECK(terms.crd == 0.0, "step %d: contrastive term %g without a teacher", i, terms.crd);
         loss[i] = terms.task;
     }
     CHECK(fabs(loss[0] - log((double)V)) < 0.5, "first loss %.4f, want near log V = %.4f", loss[0], log((double)V));
@@ -921,7 +933,7 @@ static void test_pretrain_step_lowers_loss(void)
     codir_adamw_init(&opt_s, &student->params, 0.9f, 0.98f, 1e-6f, 0.01f);
     if (fill_and_mask(&batch, &mb, enc, NULL, 0, N, &mcfg, 3)) goto done;
 
-    /* A teacher that knows the patterns a little, and a student from its blocks. */
+    /* A teacher trained a little on the patterns, and a student from its blocks. */
     for (i = 0; i < 30; i++)
         if (codir_mlm_step(&ctx, teacher, &opt_t, &mb, 3e-3f, &terms)) break;
     CHECK(codir_model_init_from(student, teacher, CODIR_INIT_EVERY_OTHER) == CODIR_OK, "init failed: %s",
@@ -962,7 +974,8 @@ static void test_pretrain_step_lowers_loss(void)
             CHECK_SCALAR("CoDIR-Pre KD term", terms.kd, want, 1e-6, 1e-4);
             want = (1.0 - dcfg.beta) * terms.task + dcfg.beta * terms.kd + dcfg.lambda * terms.crd;
             CHECK_SCALAR("CoDIR-Pre total", terms.total, want, 1e-6, 1e-5);
-            CHECK(terms.kd > 0.0 && terms.crd > 0.0, "KD %g and contrastive %g must be positive", terms.kd, terms.crd);
+            CHECK(terms.kd > 0.0, "KD term %g must be positive", terms.kd);
+            CHECK(terms.crd > 0.0, "contrastive term %g must be positive", terms.crd);
         }
     }
     CHECK(total[STEPS - 1] < 0.8 * total[0], "total loss went from %.4f to %.4f in %d steps", total[0],
@@ -1035,7 +1048,8 @@ static void test_evaluate_matches_reference(void)
 
     CHECK(codir_mlm_evaluate(&ctx, model, enc, 7, &mcfg, 99, &s7) == CODIR_OK, "evaluate failed: %s", codir_last_error());
     CHECK(codir_mlm_evaluate(&ctx, model, enc, 1, &mcfg, 99, &s1) == CODIR_OK, "evaluate failed: %s", codir_last_error());
-    CHECK(s7.count == count && s1.count == count, "%ld and %ld tokens scored, want %ld", s7.count, s1.count, count);
+    CHECK(s7.count == count, "%ld tokens scored at batch 7, want %ld", s7.count, count);
+    CHECK(s1.count == count, "%ld tokens scored at batch 1, want %ld", s1.count, count);
     want = nll / count;
     CHECK_SCALAR("evaluation loss, batch 7", s7.loss, want, 1e-5, 1e-5);
     CHECK_SCALAR("evaluation loss, batch 1", s1.loss, want, 1e-5, 1e-5);
