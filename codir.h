@@ -1253,9 +1253,9 @@ CODIR_DEF int codir_checkpoint_load(const char *path, codir_train_state *state);
                                   segments->count, seed); */
 
 /* Pre-training text: UTF-8, one paragraph per line, documents separated by empty
-   lines, the input format of BERT's create_pretraining_data.py. As there, a line that
-   holds only whitespace counts as empty, and several empty lines in a row end one
-   document, so no document is empty. */
+   lines, the input format of create_pretraining_data.py in google-research/bert. As
+   there, a line of only whitespace counts as empty (here ASCII whitespace only), and
+   several empty lines in a row end one document, so no document is empty. */
 typedef struct codir_corpus {
     int num_lines;              /* non-empty lines */
     char **lines;               /* [num_lines] paragraphs without the line end ("\n", "\r\n") */
@@ -1285,7 +1285,8 @@ CODIR_DEF void codir_corpus_free(codir_corpus *corpus);
    corpus and line. max_len must be at least 3. Returns NULL on failure. */
 CODIR_DEF codir_encoded *codir_segment_corpus(const codir_vocab *vocab, const codir_corpus *corpus, int max_len);
 
-/* Token corruption of BERT's masked-LM task (Devlin et al. 2019, section 3.1). */
+/* Token corruption of BERT's masked-LM task, with the rates of create_pretraining_data.py
+   in google-research/bert. */
 typedef struct codir_mlm_config {
     float select_prob;          /* share of the eligible tokens chosen for prediction; 0.15 */
     float mask_prob;            /* share of chosen tokens replaced by mask_id; 0.8 */
@@ -1317,15 +1318,18 @@ CODIR_DEF int codir_mlm_batch_init(codir_mlm_batch *mb, int max_batch, int max_l
 CODIR_DEF void codir_mlm_batch_free(codir_mlm_batch *mb);
 
 /* Chooses and corrupts tokens of `batch` into mb. Eligible tokens are the non-padding
-   tokens whose id is not special. Each segment with n eligible tokens gets exactly
-   max(1, round(select_prob * n)) chosen ones (none when n is 0), as BERT's
-   create_pretraining_data.py picks them: a uniform random subset. Each chosen token
-   becomes mask_id with probability mask_prob, a uniform random eligible id with
-   probability random_prob, and stays as it is otherwise. Every decision depends only
-   on (seed, example id, position), through a counter-based hash: a segment gets the
-   same masks in any batch, at any batch size, so an evaluation with a fixed seed is
-   reproducible, while training passes a new seed per step for dynamic masking.
-   Returns CODIR_OK or CODIR_ERR_INVALID (bad rates, ids or capacity). */
+   tokens whose id is not special. Each segment with n eligible tokens gets a uniform
+   random subset of exactly max(1, round(select_prob * n)) chosen ones (none when n is
+   0; halves round up). Each chosen token becomes mask_id with probability mask_prob, a
+   uniform random non-special id with probability random_prob, and stays as it is
+   otherwise. BERT's create_pretraining_data.py differs in three details: its n also
+   counts [CLS] and [SEP] and is capped by max_predictions_per_seq, [UNK] can be
+   chosen, and the random token may be a special one.
+   Every decision depends only on (seed, example id, position) through a counter-based
+   hash. A segment thus gets the same masks in any batch and at any batch size, so an
+   evaluation with a fixed seed is reproducible, and training passes a new seed per
+   step for dynamic masking. Returns CODIR_OK or CODIR_ERR_INVALID (bad rates, ids or
+   capacity). */
 CODIR_DEF int codir_mlm_mask(codir_mlm_batch *mb, const codir_batch *batch, const codir_mlm_config *cfg,
                              uint64_t seed);
 
@@ -1970,6 +1974,20 @@ CODIR_DEF void codir_softmax_backward(float *dinp, const float *out, const float
 
 /* ---- attention ---- */
 
+/* Dot product with eight independent partial sums, which the compiler can keep in one
+   SIMD register; a single running sum would serialize on the add latency, because
+   float addition may not be reordered without -ffast-math. */
+static inline float codir__dot(const float *a, const float *b, int n)
+{
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum;
+    int k = 0, u;
+    for (; k + 8 <= n; k += 8)
+        for (u = 0; u < 8; u++) acc[u] += a[k + u] * b[k + u];
+    sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; k < n; k++) sum += a[k] * b[k];
+    return sum;
+}
+
 CODIR_DEF void codir_attention_forward(float *out, float *att, const float *qkv, const int *mask,
                                        int B, int T, int C, int NH)
 {
@@ -1989,13 +2007,11 @@ CODIR_DEF void codir_attention_forward(float *out, float *att, const float *qkv,
             /* scores q . k_j / sqrt(HS) over the keys that are not padding */
             for (j = 0; j < T; j++) {
                 const float *kj = qkv + ((size_t)b * T + j) * 3 * C + C + h * HS;
-                float s = 0.0f;
                 if (!keep[j]) {
                     p[j] = -INFINITY;
                     continue;
                 }
-                for (k = 0; k < HS; k++) s += q[k] * kj[k];
-                p[j] = s * scale;
+                p[j] = codir__dot(q, kj, HS) * scale;
                 mx = p[j] > mx ? p[j] : mx;
             }
 
@@ -2038,13 +2054,9 @@ CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const fl
             for (j = 0; j < T; j++) {
                 const float *vj = qkv + ((size_t)b * T + j) * 3 * C + 2 * C + h * HS;
                 float *dvj = dqkv + ((size_t)b * T + j) * 3 * C + 2 * C + h * HS;
-                float dp = 0.0f;
                 if (p[j] == 0.0f) continue;
-                for (k = 0; k < HS; k++) {
-                    dvj[k] += p[j] * dy[k];
-                    dp += dy[k] * vj[k];
-                }
-                dot += (double)p[j] * dp;
+                for (k = 0; k < HS; k++) dvj[k] += p[j] * dy[k];
+                dot += (double)p[j] * codir__dot(dy, vj, HS);
             }
 
             /* ds_j = p_j (dp_j - sum p dp); s_j = scale q . k_j */
@@ -2052,10 +2064,9 @@ CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const fl
                 const float *vj = qkv + ((size_t)b * T + j) * 3 * C + 2 * C + h * HS;
                 const float *kj = qkv + ((size_t)b * T + j) * 3 * C + C + h * HS;
                 float *dkj = dqkv + ((size_t)b * T + j) * 3 * C + C + h * HS;
-                float dp = 0.0f, ds;
+                float ds;
                 if (p[j] == 0.0f) continue;
-                for (k = 0; k < HS; k++) dp += dy[k] * vj[k];
-                ds = p[j] * (dp - (float)dot) * scale;
+                ds = p[j] * (codir__dot(dy, vj, HS) - (float)dot) * scale;
                 for (k = 0; k < HS; k++) {
                     dq[k] += ds * kj[k];
                     dkj[k] += ds * q[k];

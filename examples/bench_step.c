@@ -10,6 +10,7 @@
        ./bench_step                  sequence 64 and 128, 1 thread and all threads
        ./bench_step --quick          sequence 64 only, 5 timed runs per case
        ./bench_step --threads 2      only on 2 threads
+       ./bench_step --seq 128        sequence 128 only
 
    tests/reference/bench_step_torch.py times the same models and steps in PyTorch and
    prints lines of the same format, so both can run side by side.
@@ -427,16 +428,17 @@ static void bench_one(int kind, const bench_model *student, const bench_data *da
 static void usage(const char *program)
 {
     fprintf(stderr,
-            "usage: %s [--quick] [--threads N]\n"
+            "usage: %s [--quick] [--threads N] [--seq T]\n"
             "  --quick      time sequence length 64 only, %d timed runs per case instead of %d\n"
-            "  --threads N  time on N OpenMP threads only, instead of 1 thread and then all threads\n",
-            program, BENCH_QUICK_RUNS, BENCH_MIN_RUNS);
+            "  --threads N  time on N OpenMP threads only, instead of 1 thread and then all threads\n"
+            "  --seq T      time sequence length T only (1 to %d), instead of 64 and 128\n",
+            program, BENCH_QUICK_RUNS, BENCH_MIN_RUNS, BENCH_MAX_LEN);
 }
 
 int main(int argc, char **argv)
 {
-    static const int seqs_full[] = {64, 128};
-    int quick = 0, only_threads = 0, max_threads = 1, seq_count = 2, min_runs = BENCH_MIN_RUNS;
+    int seqs[2] = {64, 128};
+    int quick = 0, only_threads = 0, only_seq = 0, max_threads = 1, seq_count = 2, min_runs = BENCH_MIN_RUNS;
     int thread_list[2], thread_count, rss_resettable, t, s, m, i;
     char load[64];
 
@@ -451,6 +453,15 @@ int main(int argc, char **argv)
                 return 2;
             }
             only_threads = (int)n;
+        } else if (strcmp(argv[i], "--seq") == 0 && i + 1 < argc) {
+            char *end;
+            long n = strtol(argv[++i], &end, 10);
+            if (*end != '\0' || n < 1 || n > BENCH_MAX_LEN) {
+                fprintf(stderr, "bench_step: invalid sequence length '%s'; give an integer from 1 to %d\n", argv[i],
+                        BENCH_MAX_LEN);
+                return 2;
+            }
+            only_seq = (int)n;
         } else {
             usage(argv[0]);
             return 2;
@@ -459,6 +470,10 @@ int main(int argc, char **argv)
     if (quick) {
         seq_count = 1;
         min_runs = BENCH_QUICK_RUNS;
+    }
+    if (only_seq) {
+        seqs[0] = only_seq;
+        seq_count = 1;
     }
 
 #ifdef _OPENMP
@@ -487,11 +502,11 @@ int main(int argc, char **argv)
 #endif
         for (s = 0; s < seq_count; s++) {
             bench_data data;
-            data_init(&data, seqs_full[s]);
+            data_init(&data, seqs[s]);
             for (m = 0; m < (int)(sizeof bench_students / sizeof bench_students[0]); m++) {
                 const bench_model *student = &bench_students[m];
                 load_average(load, sizeof load);
-                printf("# model=%s seq=%d threads=%d load_average=%s\n", student->name, seqs_full[s], thread_list[t], load);
+                printf("# model=%s seq=%d threads=%d load_average=%s\n", student->name, seqs[s], thread_list[t], load);
                 bench_one(BENCH_TRAIN, student, &data, BENCH_BATCH, thread_list[t], min_runs, rss_resettable);
                 bench_one(BENCH_DISTILL, student, &data, BENCH_BATCH, thread_list[t], min_runs, rss_resettable);
                 bench_one(BENCH_DISTILL_CACHED, student, &data, BENCH_BATCH, thread_list[t], min_runs, rss_resettable);

@@ -325,7 +325,7 @@ static int train(run_data *rd, const char *name, codir_model *model, const codir
         for (start = 0; start < N; start += o->batch_size, step++) {
             int n = N - (int)start < o->batch_size ? N - (int)start : o->batch_size;
             float lr = codir_lr_schedule(step, total, warmup, o->lr);
-            /* A new mask for every step (dynamic masking, as RoBERTa), never the evaluation's. */
+            /* A new mask for every step, so each epoch sees other masks; never the evaluation's. */
             uint64_t mask_seed = ((uint64_t)(unsigned)o->seed << 32) + (uint64_t)step * 2 + (teacher ? 1 : 0);
             codir_loss_terms terms;
             int rc = codir_batch_fill(&rd->batch, rd->train, rd->order, (int)start, n);

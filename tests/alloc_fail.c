@@ -1,10 +1,10 @@
 /* Fails each allocation of codir.h in turn and checks that the library reports it.
 
    An allocator override through CODIR_MALLOC, CODIR_REALLOC and CODIR_FREE fails
-   allocation number N. Each scenario below (a loader, a writer, or model creation
-   with a task step and a CoDIR step) first runs once with no failure, counting its
-   allocations; then, for every N from 1 to that count, it runs again in a child
-   process with allocation N failing. Each of those runs must
+   allocation number N. Each scenario below is a loader, a writer, or model creation
+   with a task step and a CoDIR step. It first runs once with no failure, which
+   counts its allocations. Then, for every N from 1 to that count, it runs again in a
+   child process with allocation N failing. Each of those runs must
      - not crash (a child killed by a signal is reported with its N),
      - return an error from the call whose allocation failed: NULL or a negative
        CODIR_ERR_* code, with a codir_last_error() that says memory ran out,
@@ -34,7 +34,7 @@
 /* ---- the failing allocator ---- */
 
 static long allocations;        /* CODIR_MALLOC and CODIR_REALLOC calls so far */
-static long fail_at;            /* the call that returns NULL, counting from 1; 0: none */
+static long fail_at;            /* the call that returns NULL, counting from 1, or 0 for none */
 static long live_blocks;
 static long long live_bytes;
 
@@ -184,9 +184,8 @@ static void remove_files(void)
 /* ---- scenarios ----
 
    Each returns 0 when every call succeeded and 1 when a call failed, after freeing
-   everything it made. On failure it checks the call's return value itself (a
-   positive code would be wrong) through the `bad` flag; on success *result receives
-   a checksum of what the calls produced. */
+   everything it made. A failed call that returned a positive code sets bad_return.
+   On success *result receives a checksum of what the calls produced. */
 
 static int bad_return;          /* set when a call failed without NULL or a negative code */
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the example programs with bad command-line options and bad data folders, and
-# checks that each run exits non-zero with the expected message on stderr: the whole
-# message for the programs' own option errors, a fixed substring where the message
-# comes from the library (it names the file and line, or the option and value).
+# checks that each run exits non-zero with the expected message on stderr. The whole
+# message must match for the programs' own option errors. Where the message comes from
+# the library, a fixed substring must match, which names the file and line or the
+# option and value.
 #
 # Usage: bash tests/badinput.sh DISTILL TRAIN
 #   DISTILL, TRAIN   paths of the built examples/distill.c and examples/train.c

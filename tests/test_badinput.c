@@ -2,8 +2,9 @@
    must reject, each with the reason it must give.
 
    Each table row is one case and the substring that codir_last_error() must contain
-   afterwards; "@" in it stands for the path of the file under test, so a row checks
-   the "path:line:" prefix (or the tensor or option name) and the key phrase at once.
+   afterwards. An "@" in that substring stands for the path of the file under test, so
+   a row checks the "path:line:" prefix (or the tensor or option name) and the key
+   phrase at once.
    A few inputs that look bad are accepted by design (duplicate vocabulary tokens,
    invalid UTF-8 in a sentence, a 1 MB line); their tests check the documented
    behaviour instead. Files are written to a new folder under $TMPDIR (or /tmp) and
@@ -129,8 +130,8 @@ static void check_reason(const char *file, int line, const char *what, const cha
 typedef struct tsv_case {
     const char *name;
     const char *content;
-    size_t length;          /* bytes of content; 0 means strlen(content) */
-    const char *expected;   /* substring of the reason; "@" is the file's path */
+    size_t length;          /* bytes of content, or 0 for strlen(content) */
+    const char *expected;   /* substring of the reason, with "@" for the file's path */
 } tsv_case;
 
 static const tsv_case tsv_cases[] = {
@@ -276,8 +277,9 @@ static void test_tsv_megabyte_line(void)
     const char *path;
     codir_dataset *d;
     codir_vocab *vocab = codir_vocab_build(corpus, 1, 20, 0, 1);
-    size_t n, i;
-    CHECK(content && vocab, "setup failed: %s", codir_last_error());
+    size_t n, i, sentence_bytes;
+    CHECK(content != NULL, "setup failed: out of memory");
+    CHECK(vocab != NULL, "setup failed: %s", codir_last_error());
     if (!content || !vocab || !bad_dir_make(&dir)) {
         free(content);
         codir_vocab_free(vocab);
@@ -290,6 +292,7 @@ static void test_tsv_megabyte_line(void)
         memcpy(content + n, "word ", 5);
         n += 5;
     }
+    sentence_bytes = n - 15;
     memcpy(content + n, "\t1\n", 3);
     n += 3;
     path = bad_write(&dir, "long_sentence.tsv", content, n);
@@ -297,8 +300,9 @@ static void test_tsv_megabyte_line(void)
     CHECK(d != NULL, "a 1 MB sentence was rejected: %s", codir_last_error());
     if (d) {
         int ids[16];
-        CHECK(d->count == 1 && strlen(d->texts[0]) == n - 15 - 3, "the 1 MB sentence has %zu bytes, expected %zu",
-              strlen(d->texts[0]), n - 18);
+        CHECK(d->count == 1, "%d examples, expected 1", d->count);
+        CHECK(strlen(d->texts[0]) == sentence_bytes, "the 1 MB sentence has %zu bytes, expected %zu",
+              strlen(d->texts[0]), sentence_bytes);
         CHECK(codir_encode(vocab, d->texts[0], ids, 16) == 16, "encoding the 1 MB sentence did not fill max_len 16");
         codir_dataset_free(d);
     }
@@ -357,8 +361,8 @@ static void test_tsv_invalid_utf8(void)
 typedef struct vocab_case {
     const char *name;
     const char *content;
-    size_t length;          /* bytes of content; 0 means strlen(content) */
-    const char *expected;
+    size_t length;          /* bytes of content, or 0 for strlen(content) */
+    const char *expected;   /* substring of the reason, with "@" for the file's path */
 } vocab_case;
 
 static const vocab_case vocab_cases[] = {

@@ -1,7 +1,7 @@
 /* libFuzzer harness for the safetensors loader: codir_safetensors_open on the input
    as a file, codir_safetensors_read_f32 on every tensor that opens, and
    codir_model_load on the input as model.safetensors beside a fixed config.json when
-   it holds BERT's word embeddings.
+   it contains BERT's word embeddings.
 
    Every call must either fail with a reason that names the file, or leave a
    consistent result: each tensor's byte count equals its dtype size times the shape
@@ -119,7 +119,7 @@ static void check_reads(const codir_safetensors *st)
         fuzz_fail("a read of a missing tensor was accepted");
 }
 
-/* Loads the folder; a model that loads must have the fixed configuration's sizes. */
+/* Loads the folder. A model that loads must have the fixed configuration's sizes. */
 static void check_model_folder(const codir_safetensors *st)
 {
     int mlm = codir_safetensors_find(st, "cls.predictions.transform.dense.weight") != NULL;

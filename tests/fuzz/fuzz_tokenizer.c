@@ -2,7 +2,7 @@
    codir_tokenize, codir_encode and codir_encode_pair with a small cased or uncased
    vocabulary built once, and codir_vocab_load on inputs read as vocab.txt.
 
-   Input layout: byte 0 holds options, the rest is text. Bit 0 picks the uncased
+   Input layout: byte 0 contains options, and the rest is text. Bit 0 picks the uncased
    vocabulary, bits 1-4 give max_len - 3 (3 to 18), and bit 7 reads the text as a
    vocab.txt instead. The text is split at its first NUL byte into the two sentences
    of a pair (the C API sees no byte after a NUL anyway). Checks:
@@ -116,7 +116,7 @@ static void check_pair(const codir_vocab *v, const char *a, const int *pa, int n
         if (types[i] != (i <= sep ? 0 : 1)) fuzz_fail("codir_encode_pair wrote wrong token types");
 }
 
-/* Loads text as vocab.txt; a vocabulary that loads must round-trip through a file. */
+/* Loads text as vocab.txt. A vocabulary that loads must round-trip through a file. */
 static void check_vocab_file(const uint8_t *data, size_t size, int lowercase)
 {
     codir_vocab *v, *again;
@@ -164,7 +164,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     v = vocabs[flags & 1];
     max_len = 3 + ((flags >> 1) & 15);
 
-    /* text holds a, its NUL, then b and a second NUL. */
+    /* text contains a, its NUL, then b and a second NUL. */
     length = size - 1;
     memcpy(text, data + 1, length);
     text[length] = '\0';

@@ -26,7 +26,7 @@ static void fuzz_remove_dir(void)
     if (fuzz_dir[0]) rmdir(fuzz_dir);
 }
 
-/* Stops the fuzzer with a message; libFuzzer reports the abort as a crash and saves
+/* Stops the fuzzer with a message. libFuzzer reports the abort as a crash and saves
    the input that caused it. */
 static void fuzz_fail(const char *what)
 {
@@ -56,7 +56,7 @@ static const char *fuzz_path(const char *name)
     return fuzz_files[fuzz_file_count++];
 }
 
-/* Writes data[size] to path; any failure stops the fuzzer, since it is not the
+/* Writes data[size] to path. Any failure stops the fuzzer, since it is not the
    library's fault. */
 static void fuzz_write(const char *path, const uint8_t *data, size_t size)
 {

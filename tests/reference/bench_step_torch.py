@@ -12,6 +12,7 @@ Run (from the repository root, with Debian's python3-torch 1.13):
     /usr/bin/python3 tests/reference/bench_step_torch.py            sequence 64 and 128, 1 thread and all threads
     /usr/bin/python3 tests/reference/bench_step_torch.py --quick    sequence 64 only, 5 timed runs per case
     /usr/bin/python3 tests/reference/bench_step_torch.py --threads 2
+    /usr/bin/python3 tests/reference/bench_step_torch.py --seq 128
 
 Models: a post-LayerNorm BERT encoder of nn.TransformerEncoderLayer blocks (erf GELU,
 LayerNorm eps 1e-12), token, position and token-type embeddings, and BERT's pooler
@@ -336,13 +337,17 @@ def main():
                         help=f"time sequence length 64 only, {QUICK_RUNS} timed runs per case instead of {MIN_RUNS}")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="time on N threads only, instead of 1 thread and then all threads")
+    parser.add_argument("--seq", type=int, metavar="T",
+                        help=f"time sequence length T only (1 to {MAX_LEN}), instead of 64 and 128")
     args = parser.parse_args()
     if args.threads is not None and args.threads < 1:
         parser.error(f"invalid thread count {args.threads}; give a positive integer")
+    if args.seq is not None and not 1 <= args.seq <= MAX_LEN:
+        parser.error(f"invalid sequence length {args.seq}; give an integer from 1 to {MAX_LEN}")
 
     max_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     thread_list = [args.threads] if args.threads else sorted({1, max_threads})
-    seqs = [64] if args.quick else [64, 128]
+    seqs = [args.seq] if args.seq else [64] if args.quick else [64, 128]
     min_runs = QUICK_RUNS if args.quick else MIN_RUNS
     openblas = openblas_library()
     rss_resettable = peak_rss_reset()
