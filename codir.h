@@ -5990,6 +5990,8 @@ CODIR_DEF int codir_config_save(const codir_config *cfg, const char *path)
 
     /* The keys in sorted order, as transformers' PretrainedConfig.to_json_string
        writes them. */
+    /* A model with the masked-LM head still has its classifier, so the folder names
+       BertForSequenceClassification, which transformers loads while ignoring cls.*. */
     codir__io_puts(&b, "{\n  \"architectures\": [\n    \"BertForSequenceClassification\"\n  ],\n");
     codir__hf_put_float(&b, "attention_probs_dropout_prob", cfg->dropout);
     codir__io_puts(&b, "  \"hidden_act\": \"gelu\",\n");

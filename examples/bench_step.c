@@ -10,7 +10,7 @@
        ./bench_step                  sequence 64 and 128, 1 thread and all threads
        ./bench_step --quick          sequence 64 only, 5 timed runs per case
        ./bench_step --threads 2      only on 2 threads
-       ./bench_step --seq 128        sequence 128 only
+       ./bench_step --seq 128        sequence 128 only (with --quick: 5 timed runs per case)
 
    tests/reference/bench_step_torch.py times the same models and steps in PyTorch and
    prints lines of the same format, so both can run side by side.
@@ -170,8 +170,8 @@ static int peak_rss_reset(void)
 #endif
 }
 
-/* Returns VmHWM, the peak resident memory, in MiB, or -1 where /proc/self/status is
-   missing (every system but Linux). */
+/* Returns VmHWM, the peak resident memory, in MiB, or -1 where it is not available.
+   Only Linux builds read /proc/self/status. */
 static double peak_rss_mb(void)
 {
 #ifdef __linux__

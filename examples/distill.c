@@ -36,7 +36,7 @@
 
 /* Command-line options of a run. */
 typedef struct options {
-    const char *data_dir, *teacher_dir, *save_teacher_dir, *curves;
+    const char *data_dir, *teacher_dir, *save_teacher_dir, *curves, *student_init_dir;
     int vocab_size, max_len, batch_size, seed, seeds, threads;
     int teacher_layers, student_layers, hidden, heads, ffn, init_from_teacher;
     int teacher_epochs, student_epochs;
@@ -51,6 +51,7 @@ static void set_defaults(options *o)
     o->teacher_dir = NULL;
     o->save_teacher_dir = NULL;
     o->curves = "distill_curves";
+    o->student_init_dir = NULL;
     o->vocab_size = 3000;
     o->max_len = 64;
     o->batch_size = 32;
@@ -88,7 +89,10 @@ static void print_help(const options *d)
            "the same initialization: task loss only, + KD, + KD + CoDIR (NCE), + KD + CoDIR\n"
            "(InfoNCE). Prints dev metrics, inference speed and training curves.\n\n");
     printf("  --data DIR            folder with train.tsv and dev.tsv (default %s)\n", d->data_dir);
-    printf("  --teacher DIR         load the teacher from a model folder instead of training it\n");
+    printf("  --teacher DIR         load the teacher from a model folder instead of training it; its\n"
+           "                        vocab.txt (uncased) replaces the learned vocabulary\n");
+    printf("  --student-init DIR    start every student from this model folder, e.g. a pre-distilled\n"
+           "                        student, instead of from the teacher's blocks\n");
     printf("  --save-teacher DIR    save the trained teacher as a model folder\n");
     printf("  --curves PREFIX       write PREFIX.csv and PREFIX.svg, the training curves (default %s)\n", d->curves);
     printf("  --train-limit N       use only the first N rows of train.tsv; 0 uses all (default %d)\n", d->train_limit);
@@ -179,6 +183,7 @@ static int parse_args(int argc, char **argv, options *o)
         }
         if (strcmp(a, "--data") == 0) ok = (o->data_dir = v) != NULL;
         else if (strcmp(a, "--teacher") == 0) ok = (o->teacher_dir = v) != NULL;
+        else if (strcmp(a, "--student-init") == 0) ok = (o->student_init_dir = v) != NULL;
         else if (strcmp(a, "--save-teacher") == 0) ok = (o->save_teacher_dir = v) != NULL;
         else if (strcmp(a, "--curves") == 0) ok = (o->curves = v) != NULL;
         else if (strcmp(a, "--train-limit") == 0) ok = parse_int(a, v, 0, 2000000000L, &o->train_limit);
@@ -548,6 +553,58 @@ static int make_cache(run_data *rd, const codir_model *teacher, const codir_conf
     return 0;
 }
 
+/* Creates one student: a copy of --student-init (with a new classifier when its
+   output count differs), or a new model from scfg initialized from the teacher's
+   blocks when the widths match. Returns NULL after printing an error. */
+static codir_model *make_student(run_data *rd, const codir_model *teacher, const codir_config *scfg, int seed)
+{
+    const options *o = rd->opt;
+    codir_model *student;
+    if (o->student_init_dir) {
+        codir_model *init = codir_model_load(o->student_init_dir);
+        const codir_config *c = init ? &init->cfg : NULL;
+        int i;
+        if (!init) {
+            fprintf(stderr, "distill: loading the student from %s failed: %s\n", o->student_init_dir, codir_last_error());
+            return NULL;
+        }
+        if (c->vocab_size != teacher->cfg.vocab_size || c->max_len != teacher->cfg.max_len) {
+            fprintf(stderr, "distill: the student in %s has a vocabulary of %d and %d positions, the teacher %d and %d; "
+                            "both must come from the same vocabulary and length\n",
+                    o->student_init_dir, c->vocab_size, c->max_len, teacher->cfg.vocab_size, teacher->cfg.max_len);
+            codir_model_free(init);
+            return NULL;
+        }
+        {
+            codir_config cfg = *c;
+            cfg.num_labels = teacher->cfg.num_labels;
+            cfg.dropout = o->dropout;
+            student = codir_model_create(&cfg, (uint64_t)seed + 1000);
+        }
+        for (i = 0; student && i < student->params.num_tensors; i++) {
+            codir_tensor *t = &student->params.tensors[i];
+            const codir_tensor *src = codir_params_find(&init->params, t->name);
+            if (src && src->numel == t->numel && (c->num_labels == teacher->cfg.num_labels || strncmp(t->name, "classifier.", 11) != 0))
+                memcpy(t->data, src->data, t->numel * sizeof(float));
+        }
+        codir_model_free(init);
+        if (!student) fprintf(stderr, "distill: student: %s\n", codir_last_error());
+        return student;
+    }
+    student = codir_model_create(scfg, (uint64_t)seed + 1000);
+    if (!student) {
+        fprintf(stderr, "distill: student: %s\n", codir_last_error());
+        return NULL;
+    }
+    if (o->init_from_teacher && teacher->cfg.hidden == scfg->hidden &&
+        codir_model_init_from(student, teacher, CODIR_INIT_EVERY_OTHER)) {
+        fprintf(stderr, "distill: %s\n", codir_last_error());
+        codir_model_free(student);
+        return NULL;
+    }
+    return student;
+}
+
 /* Trains the four students for one seed and adds their results to rows[1..4]. */
 static int train_students(run_data *rd, const codir_model *teacher, const codir_config *scfg, int seed, report *rows)
 {
@@ -555,7 +612,7 @@ static int train_students(run_data *rd, const codir_model *teacher, const codir_
     static const char *names[NUM_STUDENTS] = {"task", "kd", "codir-nce", "codir-infonce"};
     int k, rc = 0;
     for (k = 0; k < NUM_STUDENTS && !rc; k++) {
-        codir_model *student = codir_model_create(scfg, (uint64_t)seed + 1000);
+        codir_model *student = make_student(rd, teacher, scfg, seed);
         codir_distiller *dist = NULL;
         codir_distill_config dcfg = codir_distill_config_default();
         report *r = &rows[1 + k];
@@ -568,20 +625,16 @@ static int train_students(run_data *rd, const codir_model *teacher, const codir_
         dcfg.momentum = o->momentum;
         dcfg.pooling = o->pooling;
         dcfg.mode = k == 2 ? CODIR_CRD_NCE : CODIR_CRD_INFONCE;
-        if (student && o->init_from_teacher && teacher->cfg.hidden == scfg->hidden &&
-            codir_model_init_from(student, teacher, CODIR_INIT_EVERY_OTHER)) {
-            fprintf(stderr, "distill: %s\n", codir_last_error());
-            rc = 1;
-        }
         if (student && k > 0) {
-            dist = codir_distiller_create(&dcfg, scfg, &teacher->cfg, rd->train->labels, rd->train->count,
+            dist = codir_distiller_create(&dcfg, &student->cfg, &teacher->cfg, rd->train->labels, rd->train->count,
                                           (uint64_t)seed + 2000);
             if (dist && rd->regression && codir_distiller_set_targets(dist, rd->train->targets)) {
                 codir_distiller_free(dist);
                 dist = NULL;
             }
         }
-        if (!student || (k > 0 && !dist)) {
+        if (!student) rc = 1;
+        else if (k > 0 && !dist) {
             fprintf(stderr, "distill: student %s: %s\n", names[k], codir_last_error());
             rc = 1;
         }
@@ -661,6 +714,14 @@ int main(int argc, char **argv)
         fprintf(stderr, "distill: out of memory\n");
         return 1;
     }
+    if (o.teacher_dir) {
+        snprintf(path, sizeof path, "%s/vocab.txt", o.teacher_dir);
+        vocab = codir_vocab_load(path, 1);
+        if (!vocab) {
+            fprintf(stderr, "distill: %s\n", codir_last_error());
+            goto done;
+        }
+    }
     rd.train = load_split(&o, "train.tsv", &vocab, &train_text);
     if (rd.train) rd.dev = load_split(&o, "dev.tsv", &vocab, &dev_text);
     if (!rd.train || !rd.dev) goto done;
@@ -716,6 +777,18 @@ int main(int argc, char **argv)
     scfg = teacher->cfg;
     scfg.num_layers = o.student_layers;
     scfg.dropout = o.dropout;
+    if (o.student_init_dir) {
+        codir_config init_cfg;
+        snprintf(path, sizeof path, "%s/config.json", o.student_init_dir);
+        if (codir_config_load(path, &init_cfg)) {
+            fprintf(stderr, "distill: %s\n", codir_last_error());
+            goto done;
+        }
+        scfg.num_layers = init_cfg.num_layers;
+        scfg.hidden = init_cfg.hidden;
+        scfg.num_heads = init_cfg.num_heads;
+        scfg.ffn = init_cfg.ffn;
+    }
     if (o.cache_mb > 0 && make_cache(&rd, teacher, &scfg)) goto done;
     for (seed = o.seed; seed < o.seed + o.seeds; seed++)
         if (train_students(&rd, teacher, &scfg, seed, rows)) goto done;

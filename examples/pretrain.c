@@ -68,8 +68,8 @@ static void set_defaults(options *o)
     o->hidden = 128;
     o->heads = 4;
     o->ffn = 512;
-    o->teacher_epochs = 30;
-    o->student_epochs = 15;
+    o->teacher_epochs = 20;
+    o->student_epochs = 10;
     o->lr = 1e-3f;
     o->weight_decay = 0.01f;
     o->warmup = 0.06f;
@@ -93,8 +93,8 @@ static void print_help(const options *d)
            "and saves both models as folders with config.json, model.safetensors and vocab.txt.\n\n");
     printf("  --corpus DIR          folder with train.txt and dev.txt: one paragraph per line, an\n"
            "                        empty line between documents (default %s)\n", d->corpus_dir);
-    printf("  --teacher DIR         load a pre-trained teacher folder (with its vocab.txt) instead\n"
-           "                        of training one\n");
+    printf("  --teacher DIR         load a pre-trained teacher folder (with its vocab.txt, read as\n"
+           "                        uncased) instead of training one\n");
     printf("  --teacher-out DIR     folder to save the teacher in; created if missing (default %s)\n", d->teacher_out);
     printf("  --student-out DIR     folder to save the student in; created if missing (default %s)\n", d->student_out);
     printf("  --vocab-size N        WordPiece vocabulary learned from train.txt, tokens (default %d)\n", d->vocab_size);
@@ -268,7 +268,7 @@ static codir_corpus *load_corpus(const char *dir, const char *file)
     if (!c) {
         fprintf(stderr, "pretrain: %s\n", codir_last_error());
         fprintf(stderr, "pretrain: --corpus %s must be a folder with train.txt and dev.txt, plain text with one "
-                        "paragraph per line and an empty line between documents (for example ../shared/data/austen)\n",
+                        "paragraph per line and an empty line between documents, as examples/data/austen-persuasion\n",
                 dir);
     }
     return c;
@@ -325,7 +325,7 @@ static int train(run_data *rd, const char *name, codir_model *model, const codir
         for (start = 0; start < N; start += o->batch_size, step++) {
             int n = N - (int)start < o->batch_size ? N - (int)start : o->batch_size;
             float lr = codir_lr_schedule(step, total, warmup, o->lr);
-            /* A new mask for every step, so each epoch sees other masks; never the evaluation's. */
+            /* A new mask seed for every step, so each epoch masks other tokens; never the evaluation's seed. */
             uint64_t mask_seed = ((uint64_t)(unsigned)o->seed << 32) + (uint64_t)step * 2 + (teacher ? 1 : 0);
             codir_loss_terms terms;
             int rc = codir_batch_fill(&rd->batch, rd->train, rd->order, (int)start, n);

@@ -10,8 +10,16 @@
    codir_dataset_load_tsv recognizes by their header (SST-2, CoLA, MRPC, QNLI, RTE,
    STS-B, QQP, MNLI): single sentences or pairs, class labels or regression scores.
    `./train --help` lists every option. */
+#define _POSIX_C_SOURCE 200809L /* mkdir */
 #define CODIR_IMPLEMENTATION
 #include "../codir.h"
+
+#include <errno.h>
+#ifdef _WIN32
+#include <direct.h>
+#else
+#include <sys/stat.h>
+#endif
 
 #include <math.h>
 #include <stdio.h>
@@ -37,7 +45,7 @@ static void set_defaults(options *o)
     o->init_dir = NULL;
     o->vocab_path = NULL;
     o->vocab_size = 3000;
-    o->max_len = 128;
+    o->max_len = 0;
     o->batch_size = 32;
     o->micro_batch = 0;
     o->epochs = 6;
@@ -68,7 +76,8 @@ static void print_help(const options *d)
     printf("  --vocab FILE        use this vocab.txt instead of learning one from train.tsv\n");
     printf("  --vocab-size N      tokens of the vocabulary learned from train.tsv (default %d)\n", d->vocab_size);
     printf("  --cased             keep case (default: lowercase, as uncased BERT)\n");
-    printf("  --max-len N         longest sequence incl. special tokens, tokens (default %d)\n", d->max_len);
+    printf("  --max-len N         longest sequence incl. special tokens, tokens; 0 means the --init\n"
+           "                      model's positions, or 128 for a new model (default %d)\n", d->max_len);
     printf("  --batch N           examples per optimizer step (default %d)\n", d->batch_size);
     printf("  --micro-batch N     examples per forward pass; gradients of micro-batches add up to the\n"
            "                      batch; 0 means the whole batch at once (default %d)\n", d->micro_batch);
@@ -134,7 +143,7 @@ static int parse_args(int argc, char **argv, options *o)
         else if (strcmp(a, "--vocab") == 0) ok = (o->vocab_path = v) != NULL;
         else if (strcmp(a, "--train-limit") == 0) ok = parse_int(a, v, 0, 2000000000L, &o->train_limit);
         else if (strcmp(a, "--vocab-size") == 0) ok = parse_int(a, v, 16, 1000000, &o->vocab_size);
-        else if (strcmp(a, "--max-len") == 0) ok = parse_int(a, v, 3, 4096, &o->max_len);
+        else if (strcmp(a, "--max-len") == 0) ok = parse_int(a, v, 0, 4096, &o->max_len);
         else if (strcmp(a, "--batch") == 0) ok = parse_int(a, v, 1, 65536, &o->batch_size);
         else if (strcmp(a, "--micro-batch") == 0) ok = parse_int(a, v, 0, 65536, &o->micro_batch);
         else if (strcmp(a, "--epochs") == 0) ok = parse_int(a, v, 1, 10000, &o->epochs);
@@ -160,7 +169,6 @@ static int parse_args(int argc, char **argv, options *o)
         fprintf(stderr, "train: --heads %d does not divide --hidden %d\n", o->heads, o->hidden);
         return 0;
     }
-    if (o->micro_batch == 0 || o->micro_batch > o->batch_size) o->micro_batch = o->batch_size;
     return 1;
 }
 
@@ -169,6 +177,40 @@ static double now_seconds(void)
     struct timespec ts;
     timespec_get(&ts, TIME_UTC);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Creates folder `dir` unless it exists (mkdir is POSIX; the library itself needs
+   only C11). Returns 0, or 1 after printing an error. */
+static int make_folder(const char *dir)
+{
+#ifdef _WIN32
+    int rc = _mkdir(dir);
+#else
+    int rc = mkdir(dir, 0777);
+#endif
+    if (rc != 0 && errno != EEXIST) {
+        fprintf(stderr, "train: cannot create the folder %s: %s\n", dir, strerror(errno));
+        return 1;
+    }
+    return 0;
+}
+
+/* Returns a copy of `init` with a new classifier of `num_labels` outputs, for a model
+   pre-trained on another task: every other tensor is copied. */
+static codir_model *replace_classifier(codir_model *init, int num_labels, int seed)
+{
+    codir_config cfg = init->cfg;
+    codir_model *m;
+    int i;
+    cfg.num_labels = num_labels;
+    m = codir_model_create(&cfg, (uint64_t)seed);
+    if (!m) return NULL;
+    for (i = 0; i < m->params.num_tensors; i++) {
+        codir_tensor *t = &m->params.tensors[i];
+        const codir_tensor *src = codir_params_find(&init->params, t->name);
+        if (src && strncmp(t->name, "classifier.", 11) != 0) memcpy(t->data, src->data, t->numel * sizeof(float));
+    }
+    return m;
 }
 
 /* Loads DIR/NAME as a dataset; prints the error and returns NULL on failure. */
@@ -261,6 +303,21 @@ int main(int argc, char **argv)
         fprintf(stderr, "train: vocabulary: %s\n", codir_last_error());
         goto done;
     }
+    if (o.init_dir) {
+        model = codir_model_load(o.init_dir);
+        if (!model) {
+            fprintf(stderr, "train: loading %s failed: %s\n", o.init_dir, codir_last_error());
+            goto done;
+        }
+        if (o.max_len == 0) o.max_len = model->cfg.max_len;
+        if (model->cfg.vocab_size != vocab->size) {
+            fprintf(stderr, "train: the model in %s has a vocabulary of %d tokens but %s/vocab.txt has %d\n", o.init_dir,
+                    model->cfg.vocab_size, o.init_dir, vocab->size);
+            goto done;
+        }
+    }
+    if (o.max_len == 0) o.max_len = 128;
+    if (o.micro_batch == 0 || o.micro_batch > o.batch_size) o.micro_batch = o.batch_size;
     train = codir_encode_dataset(vocab, train_data, o.max_len);
     dev = train ? codir_encode_dataset(vocab, dev_data, o.max_len) : NULL;
     if (!train || !dev) {
@@ -271,13 +328,15 @@ int main(int argc, char **argv)
            train_data->is_regression ? "regression" : "classification", train_data->texts_b ? " pairs" : "",
            train_data->num_classes, vocab->size);
 
-    /* The model: loaded, or new. */
-    if (o.init_dir) {
-        model = codir_model_load(o.init_dir);
-        if (model && model->cfg.num_labels != (train_data->is_regression ? 1 : train_data->num_classes)) {
-            fprintf(stderr, "train: the model in %s has %d outputs but the task needs %d\n", o.init_dir,
-                    model->cfg.num_labels, train_data->is_regression ? 1 : train_data->num_classes);
-            goto done;
+    /* The model: loaded (with a new classifier when the task has another number of
+       outputs, as after pre-training), or new. */
+    if (model) {
+        int outputs = train_data->is_regression ? 1 : train_data->num_classes;
+        if (model->cfg.num_labels != outputs) {
+            codir_model *fresh = replace_classifier(model, outputs, o.seed);
+            printf("init=%s classifier=new outputs=%d (the model had %d)\n", o.init_dir, outputs, model->cfg.num_labels);
+            codir_model_free(model);
+            model = fresh;
         }
     } else {
         cfg = codir_config_default();
@@ -338,6 +397,7 @@ int main(int argc, char **argv)
 
     /* The model folder. */
     snprintf(path, sizeof path, "%s/vocab.txt", o.out_dir);
+    if (make_folder(o.out_dir)) goto done;
     if (codir_model_save(model, o.out_dir) || codir_vocab_save(vocab, path)) {
         fprintf(stderr, "train: saving to %s failed: %s\n", o.out_dir, codir_last_error());
         goto done;

@@ -18,7 +18,9 @@
 
    It is built without OpenMP so that every run makes the same allocations in the
    same order, and it needs POSIX (fork, waitpid) to survive a crashing run. Pass a
-   scenario name substring as the first argument to run only matching scenarios. */
+   scenario name substring as the first argument to run only matching scenarios, and
+   a number N as the second to run only allocation N failing, in this process, for a
+   debugger. */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
 #include <math.h>
@@ -26,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -466,29 +469,49 @@ static int run_training_regression(double *result) { return run_training(result,
 typedef struct scenario {
     const char *name;
     int (*run)(double *result);
-    const char *writes;         /* file the scenario writes (checked for a .tmp left behind), or NULL */
 } scenario;
 
 static const scenario scenarios[] = {
-    {"TSV with integer labels", run_tsv_ids, NULL},
-    {"TSV with given class names", run_tsv_given_names, NULL},
-    {"TSV with regression scores", run_tsv_regression, NULL},
-    {"TSV with class names from the file", run_tsv_names_from_file, NULL},
-    {"vocab.txt load", run_vocab_load, NULL},
-    {"vocabulary build", run_vocab_build, NULL},
-    {"vocab.txt save", run_vocab_save, "out/vocab.txt"},
-    {"TSV, vocabulary build and encoding", run_encode_dataset, NULL},
-    {"safetensors open and read", run_safetensors_read, NULL},
-    {"safetensors write", run_safetensors_write, "out/tensors.safetensors"},
-    {"model folder load", run_model_load, NULL},
-    {"model folder save", run_model_save, "out/model.safetensors"},
-    {"create, task step, CoDIR step (InfoNCE), evaluate", run_training_infonce, NULL},
-    {"create, task step, CoDIR step (NCE), evaluate", run_training_nce, NULL},
-    {"the same for regression", run_training_regression, NULL},
-    {"model folder load, masked-LM head (fixture)", run_model_load_mlm, NULL},
+    {"TSV with integer labels", run_tsv_ids},
+    {"TSV with given class names", run_tsv_given_names},
+    {"TSV with regression scores", run_tsv_regression},
+    {"TSV with class names from the file", run_tsv_names_from_file},
+    {"vocab.txt load", run_vocab_load},
+    {"vocabulary build", run_vocab_build},
+    {"vocab.txt save", run_vocab_save},
+    {"TSV, vocabulary build and encoding", run_encode_dataset},
+    {"safetensors open and read", run_safetensors_read},
+    {"safetensors write", run_safetensors_write},
+    {"model folder load", run_model_load},
+    {"model folder save", run_model_save},
+    {"create, task step, CoDIR step (InfoNCE), evaluate", run_training_infonce},
+    {"create, task step, CoDIR step (NCE), evaluate", run_training_nce},
+    {"the same for regression", run_training_regression},
+    {"model folder load, masked-LM head (fixture)", run_model_load_mlm},
 };
 
 /* ---- the sweep ---- */
+
+/* Removes every *.tmp file in folder/out and returns how many there were. The
+   writers put a file there as NAME.tmp first and rename it when complete. */
+static int remove_tmp_files(const scenario *s, long n)
+{
+    DIR *dir = opendir(out_dir);
+    struct dirent *entry;
+    int found = 0;
+    if (!dir) return 0;
+    while ((entry = readdir(dir)) != NULL) {
+        size_t length = strlen(entry->d_name);
+        char path[900];
+        if (length < 4 || strcmp(entry->d_name + length - 4, ".tmp") != 0) continue;
+        snprintf(path, sizeof path, "%s/%s", out_dir, entry->d_name);
+        fprintf(stderr, "alloc_fail: %s, allocation %ld failing: left %s behind\n", s->name, n, path);
+        remove(path);
+        found++;
+    }
+    closedir(dir);
+    return found;
+}
 
 /* Exit codes of a child run. */
 enum { RUN_ERROR = 0, RUN_ABSORBED = 3, RUN_PROBLEM = 1 };
@@ -511,8 +534,6 @@ static int run_child(const scenario *s, long n, double clean_result)
         long long bytes_before = live_bytes;
         double result = 0.0;
         int failed, code = RUN_ERROR;
-        char tmp_path[720];
-        struct stat info;
         allocations = 0;
         fail_at = n;
         bad_return = 0;
@@ -537,14 +558,7 @@ static int run_child(const scenario *s, long n, double clean_result)
                     s->name, n, live_blocks - blocks_before, live_bytes - bytes_before, codir_last_error());
             code = RUN_PROBLEM;
         }
-        if (s->writes) {
-            snprintf(tmp_path, sizeof tmp_path, "%s.tmp", path_in_folder(2, s->writes));
-            if (stat(tmp_path, &info) == 0) {
-                fprintf(stderr, "alloc_fail: %s, allocation %ld failing: left %s behind\n", s->name, n, tmp_path);
-                remove(tmp_path);
-                code = RUN_PROBLEM;
-            }
-        }
+        if (remove_tmp_files(s, n)) code = RUN_PROBLEM;
         if (code == RUN_ERROR && !failed) code = RUN_ABSORBED;
         fflush(stderr);
         _exit(code);
@@ -554,8 +568,8 @@ static int run_child(const scenario *s, long n, double clean_result)
         return RUN_PROBLEM;
     }
     if (WIFSIGNALED(status)) {
-        fprintf(stderr, "alloc_fail: %s, allocation %ld failing: crashed with signal %d; reproduce with "
-                "fail_at = %ld in a debugger\n", s->name, n, WTERMSIG(status), n);
+        fprintf(stderr, "alloc_fail: %s, allocation %ld failing: crashed with signal %d; reproduce it without "
+                "fork with: alloc_fail \"%s\" %ld\n", s->name, n, WTERMSIG(status), s->name, n);
         return RUN_PROBLEM;
     }
     if (!WIFEXITED(status)) return RUN_PROBLEM;
@@ -565,6 +579,7 @@ static int run_child(const scenario *s, long n, double clean_result)
 int main(int argc, char **argv)
 {
     const char *filter = argc > 1 ? argv[1] : NULL;
+    long only = argc > 2 ? atol(argv[2]) : 0;
     long total_runs = 0, total_errors = 0, total_absorbed = 0, total_problems = 0;
     size_t i;
     int ok;
@@ -604,6 +619,18 @@ int main(int argc, char **argv)
             total_problems++;
         }
 
+        if (only > 0) {
+            double result = 0.0;
+            int failed;
+            allocations = 0;
+            fail_at = only;
+            codir_clear_error();
+            failed = s->run(&result);
+            printf("alloc_fail: %s, allocation %ld of %ld failing: %s (reason: %s), %ld blocks and %lld bytes "
+                   "live afterwards\n", s->name, only, count, failed ? "the call failed" : "the calls succeeded",
+                   codir_last_error(), live_blocks - blocks_before, live_bytes - bytes_before);
+            continue;
+        }
         for (n = 1; n <= count; n++) {
             int code = run_child(s, n, clean);
             if (code == RUN_ERROR) errors++;

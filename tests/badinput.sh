@@ -22,13 +22,17 @@ failed=0
 
 # A tiny task: 6 training and 2 dev sentences, and the options that keep a run short.
 data=$work/data
-mkdir -p "$data" "$work/no_dev" "$work/bad_label" "$work/out"
+mkdir -p "$data" "$work/no_dev" "$work/bad_label" "$work/out" "$work/cut_model"
 printf 'sentence\tlabel\ngood movie\t1\nbad movie\t0\ngreat fun\t1\ndull plot\t0\nfine acting\t1\nweak ending\t0\n' \
     >"$data/train.tsv"
 printf 'sentence\tlabel\ngood fun\t1\nbad plot\t0\n' >"$data/dev.tsv"
 cp "$data/train.tsv" "$work/no_dev/train.tsv"
 printf 'sentence\tlabel\ngood movie\t1\nbad movie\tpositive\n' >"$work/bad_label/train.tsv"
 cp "$data/dev.tsv" "$work/bad_label/dev.tsv"
+# A model folder whose weights file is cut to 3 bytes, with a vocab.txt that lacks [MASK].
+printf '{"hidden_size": 8, "num_attention_heads": 2}' >"$work/cut_model/config.json"
+printf 'abc' >"$work/cut_model/model.safetensors"
+printf '[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n' >"$work/cut_model/vocab.txt"
 tiny="--teacher-layers 2 --hidden 8 --heads 2 --ffn 8 --teacher-epochs 1 --student-epochs 1 --vocab-size 16 --proj-dim 4"
 
 # Runs one case. $1: case name, $2: "exact" or "contains", $3: expected stderr (exact:
@@ -124,6 +128,9 @@ run_case "distill bad label in train.tsv" contains \
 run_case "distill missing teacher folder" contains \
     "distill: loading the teacher from $work/absent failed: failed to open '$work/absent/config.json'" \
     "$distill" --data "$data" --teacher "$work/absent" --curves "$work/out/curves" $tiny
+run_case "distill truncated teacher weights" exact \
+    "distill: loading the teacher from $work/cut_model failed: $work/cut_model/model.safetensors: the file has 3 bytes, fewer than the 8-byte header length; it is truncated or is not a safetensors file" \
+    "$distill" --data "$data" --teacher "$work/cut_model" --curves "$work/out/curves" $tiny
 run_case "distill K larger than the data" contains \
     "NCE needs fewer negatives (K = 100) than training examples (6); lower K" \
     "$distill" --data "$data" --negatives 100 --curves "$work/out/curves" $tiny
@@ -170,6 +177,9 @@ run_case "train missing vocab.txt" exact \
     "$train" --data "$data" --vocab "$work/absent.txt" --out "$work/out"
 run_case "train missing --init folder" contains "failed to open vocabulary file '$work/absent/vocab.txt'" \
     "$train" --data "$data" --init "$work/absent" --out "$work/out"
+run_case "train vocab.txt without [MASK]" exact \
+    "train: vocabulary: $work/cut_model/vocab.txt: missing special token [MASK]; a BERT vocabulary must contain [PAD], [UNK], [CLS], [SEP] and [MASK], one per line" \
+    "$train" --data "$data" --vocab "$work/cut_model/vocab.txt" --out "$work/out"
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -12,8 +12,6 @@
 #define _POSIX_C_SOURCE 200809L /* mkdir, for the temporary folders */
 #include "check.h"
 
-#include <float.h>
-#include <limits.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>

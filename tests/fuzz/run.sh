@@ -12,7 +12,7 @@
 # missing) so that a later run continues from them, instead of a temporary folder.
 #
 # A crash leaves the input that caused it, and the build, in a folder that the
-# summary line names; the harness binary reproduces it when given that file.
+# summary line names. Running the harness binary on that input reproduces it.
 set -u
 cd "$(dirname "$0")/../.."
 clang=${CLANG:-clang}
@@ -20,8 +20,9 @@ seconds=${1:-60}
 shift $(( $# > 0 ? 1 : 0 ))
 harnesses=${*:-fuzz_tsv fuzz_tokenizer fuzz_safetensors}
 jobs=${FUZZ_JOBS:-1}
+# libFuzzer reads -max_total_time=0 as "no limit", so 0 is rejected here.
 case $seconds in
-    ''|*[!0-9]*) echo "tests/fuzz/run.sh: SECONDS must be a whole number of seconds, not '$seconds'" >&2; exit 2 ;;
+    ''|*[!0-9]*|0) echo "tests/fuzz/run.sh: SECONDS must be a whole number of seconds >= 1, not '$seconds'" >&2; exit 2 ;;
 esac
 
 if ! command -v "$clang" >/dev/null 2>&1; then
@@ -38,7 +39,7 @@ if ! "$clang" -fsanitize=fuzzer,address,undefined "$work/probe.c" -o "$work/prob
     exit 0
 fi
 
-# Builds and runs one harness; writes its summary line to $work/NAME.summary and
+# Builds and runs one harness, writes its summary line to $work/NAME.summary, and
 # returns non-zero on any failure.
 fuzz_one() {
     local name=$1 dir=$work/$1 corpus log runs cov units

@@ -12,7 +12,7 @@ Run (from the repository root, with Debian's python3-torch 1.13):
     /usr/bin/python3 tests/reference/bench_step_torch.py            sequence 64 and 128, 1 thread and all threads
     /usr/bin/python3 tests/reference/bench_step_torch.py --quick    sequence 64 only, 5 timed runs per case
     /usr/bin/python3 tests/reference/bench_step_torch.py --threads 2
-    /usr/bin/python3 tests/reference/bench_step_torch.py --seq 128
+    /usr/bin/python3 tests/reference/bench_step_torch.py --seq 128    (with --quick: 5 timed runs per case)
 
 Models: a post-LayerNorm BERT encoder of nn.TransformerEncoderLayer blocks (erf GELU,
 LayerNorm eps 1e-12), token, position and token-type embeddings, and BERT's pooler
@@ -272,6 +272,19 @@ class Case:
         self.distiller.update_bank(zt.detach(), rows)
 
 
+def release_free_memory():
+    """Return the C heap's free pages to the kernel (glibc only).
+
+    glibc keeps memory that torch freed, and its mmap threshold grows after large
+    frees, so without this the resident memory left over from one case would count
+    toward the peak of the next.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss_reset():
     """Reset the kernel's peak resident memory to the current one and return whether that worked (Linux 4.0 and later)."""
     try:
@@ -309,11 +322,13 @@ def set_threads(threads, openblas):
 
 def bench_one(kind, name, size, batch, seq, threads, data, min_runs, rss_resettable):
     gc.collect()
+    release_free_memory()
     if rss_resettable and kind != "distill_cached":
         peak_rss_reset()
     case = Case(kind, name, size, batch, seq, data)
     if rss_resettable and kind == "distill_cached":
         gc.collect()
+        release_free_memory()
         peak_rss_reset()
     for i in range(WARMUP):
         case.run(i)
@@ -347,7 +362,11 @@ def main():
 
     max_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     thread_list = [args.threads] if args.threads else sorted({1, max_threads})
-    seqs = [args.seq] if args.seq else [64] if args.quick else [64, 128]
+    seqs = [64, 128]
+    if args.quick:
+        seqs = [64]
+    if args.seq:
+        seqs = [args.seq]
     min_runs = QUICK_RUNS if args.quick else MIN_RUNS
     openblas = openblas_library()
     rss_resettable = peak_rss_reset()

@@ -65,8 +65,9 @@ def f32(x):
     return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
-# Hyperparameters. beta is not 0.5 so that swapped weights show; lambda is larger than
-# the default 0.1 so that the contrastive gradient is a large part of the student's.
+# Hyperparameters. beta is not 0.5, so swapped loss weights show. lambda is larger than
+# the default 0.1, so the contrastive gradient is a large part of the student's. The
+# bank momentum is not 0.5, so swapping m and 1 - m shows.
 BETA = f32(0.4)
 TEMPERATURE = f32(2.0)
 LAMBDA = f32(0.7)
@@ -228,8 +229,9 @@ def round_to_f32(t):
 def init_weights(model, gen):
     """Random weights of unit gain, so that attention, GELU and tanh all work away from
     their linear region (BERT's N(0, 0.02^2) would leave them nearly linear). The
-    embeddings are small, so the embedding LayerNorm sees a variance of about 0.008
-    and its epsilon matters: 1e-5 in place of 1e-12 moves its output by about 1e-3."""
+    embeddings are small, so the input of the embedding LayerNorm has a variance of
+    about 0.008, and an epsilon of 1e-5 in place of 1e-12 moves its output by about
+    1e-3."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("LayerNorm.weight"):
@@ -302,6 +304,7 @@ def codir_names(model, values):
     into one [3C, C] matrix and [3C] bias per block. values(name) returns the tensor to
     store for a Hugging Face name."""
     out = {}
+
     hf = "bert.embeddings."
     out["embeddings.token"] = values(hf + "word_embeddings.weight")
     out["embeddings.position"] = values(hf + "position_embeddings.weight")
@@ -321,9 +324,11 @@ def codir_names(model, values):
         out[cd + "ln1.beta"] = values(hf + "attention.output.LayerNorm.bias")
         out[cd + "ln2.gamma"] = values(hf + "output.LayerNorm.weight")
         out[cd + "ln2.beta"] = values(hf + "output.LayerNorm.bias")
+
     for kind in ("weight", "bias"):
         out["pooler." + kind] = values("bert.pooler.dense." + kind)
         out["classifier." + kind] = values("classifier." + kind)
+
     if hasattr(model, "cls"):
         hf = "cls.predictions."
         out["mlm.dense.weight"] = values(hf + "transform.dense.weight")
@@ -449,20 +454,20 @@ def bank_update(bank, z, ids):
     return out
 
 
-def adamw_step(student, heads):
-    """One torch.optim.AdamW step with codir's rule for weight decay: biases and
-    LayerNorm parameters get none. A parameter without gradient gets a zero gradient
-    first, because codir steps every tensor (decaying it) where torch would skip it."""
+def make_adamw(student, heads):
+    """Returns torch.optim.AdamW over the student and the heads with codir's rule for
+    weight decay: biases and LayerNorm parameters get none. A parameter without
+    gradient gets a zero gradient first, because codir steps every tensor (decaying it)
+    where torch would skip it."""
     named = list(student.named_parameters()) + [("crd." + n, p) for n, p in heads.named_parameters()]
     for _, p in named:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     decay = [p for n, p in named if not (n.endswith("bias") or n.endswith("LayerNorm.weight"))]
     no_decay = [p for n, p in named if n.endswith("bias") or n.endswith("LayerNorm.weight")]
-    opt = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
         lr=LR, betas=ADAM_BETAS, eps=ADAM_EPS)
-    opt.step()
 
 
 def main():
@@ -488,8 +493,9 @@ def main():
 
     # The batch: example ids into the bank, labels i % 3 for example i, regression
     # targets, and as negatives every example of another label, shuffled. Taking the
-    # whole pool lets codir_distill_accumulate, which samples its own negatives, reach
-    # the same loss: both scores are sums over the negatives, whatever their order.
+    # whole pool lets the library's steps (codir_distill_step and the others), which
+    # sample their own negatives, reach the same loss, because both scores are sums over
+    # the negatives in any order.
     ids, types, mask = make_batch(gen)
     all_labels = [i % NUM_LABELS for i in range(NUM_EXAMPLES)]
     example_ids = torch.tensor([4, 2, 9])
@@ -557,68 +563,100 @@ def main():
         h.load_state_dict(heads.state_dict())
         t_h = t_hidden_reg if kind == "regression" else t_hidden
 
-        s_hidden, s_logits = s_model(ids, types, mask)
-        if name == "infonce_mean":
-            for i, x in enumerate(s_hidden):
-                out["forward.student.hidden.%d" % i] = x
-            out["forward.student.logits"] = s_logits
+        def objective(bank_teacher):
+            """Returns the terms of this scenario with the current parameters and the
+            teacher bank bank_teacher, and what else the fixture stores."""
+            r = {}
+            r["hidden"], r["logits"] = s_model(ids, types, mask)
 
-        # Task and KD terms of each kind.
-        if kind == "classification":
-            task = F.cross_entropy(s_logits, labels)
-            kd = kd_kl(s_logits, t_logits)
-        elif kind == "regression":
-            task = F.mse_loss(s_logits.view(-1), targets)
-            kd = F.mse_loss(s_logits, t_logits_reg)
-            out["forward.student_regression.logits"] = s_logits
-        else:
-            s_mlm = s_model.mlm_logits(s_hidden[-1], mlm_positions)
-            out["forward.student.mlm_logits"] = s_mlm
-            task = F.cross_entropy(s_mlm, mlm_targets)
-            kd = kd_kl(s_mlm, t_mlm)
-
-        # The contrastive term.
-        zs, zt = project(h, s_hidden, t_h, mask, pooling)
-        if mode == INFONCE:
-            crd = infonce(zs, zt, bank_t, neg)
-        else:
-            if normalizers == "estimated":
-                log_z_t = nce_log_normalizer(zt.detach(), bank_s, idx)
-                log_z_s = nce_log_normalizer(zs.detach(), bank_t, idx)
+            # Task and KD terms of each kind.
+            if kind == "classification":
+                r["task"] = F.cross_entropy(r["logits"], labels)
+                r["kd"] = kd_kl(r["logits"], t_logits)
+            elif kind == "regression":
+                r["task"] = F.mse_loss(r["logits"].view(-1), targets)
+                r["kd"] = F.mse_loss(r["logits"], t_logits_reg)
             else:
-                # Given values: the estimate of this pooling on the classification
-                # models, moved by 0.5 and rounded to float32 as the C side holds them.
-                log_z_t = f32(given_log_z[pooling][0] + 0.5)
-                log_z_s = f32(given_log_z[pooling][1] - 0.5)
-            out[name + ".log_z_t"] = torch.tensor([log_z_t])
-            out[name + ".log_z_s"] = torch.tensor([log_z_s])
-            crd = 0.5 * (nce(zt, bank_s, idx, log_z_t) + nce(zs, bank_t, idx, log_z_s))
-        total = (1.0 - BETA) * task + BETA * kd + LAMBDA * crd
-        for term, value in (("task", task), ("kd", kd), ("crd", crd), ("total", total)):
-            out["%s.loss.%s" % (name, term)] = value.detach().reshape(1)
-        out[name + ".zs"] = zs
-        out[name + ".zt"] = zt
-        out[name + ".bank_after.teacher"] = bank_update(bank_t, zt.detach(), example_ids)
-        if mode == NCE:
-            out[name + ".bank_after.student"] = bank_update(bank_s, zs.detach(), example_ids)
+                r["mlm_logits"] = s_model.mlm_logits(r["hidden"][-1], mlm_positions)
+                r["task"] = F.cross_entropy(r["mlm_logits"], mlm_targets)
+                r["kd"] = kd_kl(r["mlm_logits"], t_mlm)
+
+            # The contrastive term.
+            zs, zt = project(h, r["hidden"], t_h, mask, pooling)
+            r["zs"], r["zt"] = zs, zt
+            if mode == INFONCE:
+                r["crd"] = infonce(zs, zt, bank_teacher, neg)
+            else:
+                if normalizers == "estimated":
+                    log_z_t = nce_log_normalizer(zt.detach(), bank_s, idx)
+                    log_z_s = nce_log_normalizer(zs.detach(), bank_teacher, idx)
+                else:
+                    # Given values: the estimate of this pooling on the classification
+                    # models, moved by 0.5 and rounded to float32 as the C side stores them.
+                    log_z_t = f32(given_log_z[pooling][0] + 0.5)
+                    log_z_s = f32(given_log_z[pooling][1] - 0.5)
+                r["log_z_t"], r["log_z_s"] = torch.tensor([log_z_t]), torch.tensor([log_z_s])
+                r["crd"] = 0.5 * (nce(zt, bank_s, idx, log_z_t) + nce(zs, bank_teacher, idx, log_z_s))
+            r["total"] = (1.0 - BETA) * r["task"] + BETA * r["kd"] + LAMBDA * r["crd"]
+            return r
+
+        def store_terms(prefix, r, bank_teacher):
+            for term in ("task", "kd", "crd", "total"):
+                out["%s.loss.%s" % (prefix, term)] = r[term].detach().reshape(1)
+            for key in ("zs", "zt", "log_z_t", "log_z_s"):
+                if key in r:
+                    out["%s.%s" % (prefix, key)] = r[key]
+            out[prefix + ".bank_after.teacher"] = bank_update(bank_teacher, r["zt"].detach(), example_ids)
+            if mode == NCE:
+                out[prefix + ".bank_after.student"] = bank_update(bank_s, r["zs"].detach(), example_ids)
+
+        r = objective(bank_t)
+        store_terms(name, r, bank_t)
+        if name == "infonce_mean":
+            for i, x in enumerate(r["hidden"]):
+                out["forward.student.hidden.%d" % i] = x
+            out["forward.student.logits"] = r["logits"]
+        if kind == "regression":
+            out["forward.student_regression.logits"] = r["logits"]
+        if kind == "mlm":
+            out["forward.student.mlm_logits"] = r["mlm_logits"]
 
         # Gradients of every student parameter and both heads, zero where none flows.
-        total.backward()
+        r["total"].backward()
         by_name = dict(s_model.named_parameters())
         grads = codir_names(s_model, lambda n: by_name[n].grad if by_name[n].grad is not None
                             else torch.zeros_like(by_name[n]))
         for k, p in h.codir_params().items():
             grads[k] = p.grad
         for k, g in grads.items():
-            out["%s.grad.%s" % (name, k)] = g
+            out["%s.grad.%s" % (name, k)] = g.detach().clone()
+        if not store_step:
+            continue
 
         # One AdamW step, then every parameter.
-        if store_step:
-            adamw_step(s_model, h)
-            params = codir_names(s_model, lambda n: by_name[n])
-            params.update(h.codir_params())
-            for k, p in params.items():
-                out["%s.after.%s" % (name, k)] = p
+        opt = make_adamw(s_model, h)
+        opt.step()
+        params = codir_names(s_model, lambda n: by_name[n])
+        params.update(h.codir_params())
+        for k, p in params.items():
+            out["%s.after.%s" % (name, k)] = p.detach().clone()
+        if name != "infonce_mean":
+            continue
+
+        # A second step from the updated parameters and teacher bank. At the first step
+        # AdamW's update lr * g / (|g| + eps) does not depend on the betas; at the second
+        # it does. Only the heads are stored, to keep the fixture small: the optimizer
+        # runs the same code on every tensor.
+        prefix = name + "_step2"
+        bank_t2 = out[name + ".bank_after.teacher"]
+        opt.zero_grad(set_to_none=False)
+        r = objective(bank_t2)
+        store_terms(prefix, r, bank_t2)
+        r["total"].backward()
+        opt.step()
+        for k, p in h.codir_params().items():
+            out["%s.grad.%s" % (prefix, k)] = p.grad.detach().clone()
+            out["%s.after.%s" % (prefix, k)] = p.detach().clone()
 
     write_safetensors(os.path.join(HERE, "reference.safetensors"), out)
 
@@ -627,8 +665,10 @@ def main():
     small = sorted((v.abs()[v != 0].min().item(), k) for k, v in out.items() if ".grad." in k and (v != 0).any())
     for value, key in small[:8]:
         print("smallest nonzero |gradient| %.3g in %s" % (value, key))
-    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(HERE) for f in fs)
-    print("wrote %d tensors; tests/reference holds %d bytes" % (len(out), size))
+    written = [os.path.join(HERE, "reference.safetensors")]
+    for folder in ("teacher", "student", "teacher_regression", "student_regression"):
+        written += [os.path.join(HERE, folder, f) for f in ("config.json", "model.safetensors")]
+    print("wrote %d tensors; the files written hold %d bytes" % (len(out), sum(map(os.path.getsize, written))))
 
 
 if __name__ == "__main__":
