@@ -46,6 +46,8 @@
      CODIR_ASSERT(x)    internal invariant check; by default prints file:line and
                         the expression to stderr and aborts, also under NDEBUG
      CODIR_NO_SIMD      use the portable scalar GEMM micro-kernel only
+     CODIR_ALLOW_FAST_MATH
+                        allow -ffast-math, which disables the NaN and Inf checks
 
    Quick start: examples/distill.c trains a teacher on review sentences and distils it
    into a student with half the layers; examples/train.c fine-tunes one model on a GLUE
@@ -67,8 +69,18 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* -ffast-math lets the compiler assume no NaN or Inf, which silently removes the checks
+   that stop training on a non-finite loss or gradient, and reorders sums. */
+#if defined(__FAST_MATH__) && !defined(CODIR_ALLOW_FAST_MATH)
+#error "codir.h: -ffast-math disables NaN and Inf checks; build without it, or define CODIR_ALLOW_FAST_MATH to accept that"
+#endif
+
 #ifdef CODIR_STATIC
+#if defined(__GNUC__) || defined(__clang__)
+#define CODIR_DEF static __attribute__((unused)) /* a program uses only some functions */
+#else
 #define CODIR_DEF static
+#endif
 #else
 #define CODIR_DEF extern
 #endif
@@ -1174,7 +1186,8 @@ CODIR_DEF int codir_predict(codir_ctx *ctx, const codir_model *model, const codi
 /* GLUE's metrics. Classification: accuracy, F1 of class 1 (MRPC, QQP) and Matthews
    correlation (CoLA); regression: Pearson and Spearman correlation (STS-B). A metric
    that does not apply, or whose denominator is zero, is NaN (so is F1 with no
-   positive prediction and no positive label). */
+   positive prediction and no positive label), except Matthews, which is 0 then, as
+   in scikit-learn. */
 typedef struct codir_scores {
     double accuracy, f1, matthews;
     double pearson, spearman;
@@ -1184,7 +1197,8 @@ CODIR_DEF double codir_accuracy(const int *pred, const int *gold, int n);
 /* F1 of class `positive`: 2 tp / (2 tp + fp + fn). */
 CODIR_DEF double codir_f1(const int *pred, const int *gold, int n, int positive);
 /* Matthews correlation for any number of classes (Gorodkin's R_K, as
-   sklearn.metrics.matthews_corrcoef); the usual phi coefficient for two. */
+   sklearn.metrics.matthews_corrcoef); the usual phi coefficient for two. 0 when the
+   predictions or the labels are all one class. */
 CODIR_DEF double codir_matthews(const int *pred, const int *gold, int n, int num_classes);
 CODIR_DEF double codir_pearson(const float *x, const float *y, int n);
 /* Pearson correlation of the ranks; tied values share their average rank. Returns
@@ -9988,7 +10002,8 @@ CODIR_DEF double codir_matthews(const int *pred, const int *gold, int n, int num
     }
     for (i = 0; i < n; i++) c += pred[i] == gold[i];
     denom = sqrt((s * s - pp) * (s * s - tt));
-    return denom > 0.0 ? (c * s - pt) / denom : NAN;
+    /* sklearn.metrics.matthews_corrcoef returns 0 when a marginal is constant. */
+    return denom > 0.0 ? (c * s - pt) / denom : 0.0;
 }
 
 CODIR_DEF double codir_pearson(const float *x, const float *y, int n)

@@ -18,8 +18,16 @@
 
    The default data is examples/data/uci-sentiment (train.tsv and dev.tsv with a
    "sentence<TAB>label" header). `./distill --help` lists every option. */
+#define _POSIX_C_SOURCE 200809L /* mkdir */
 #define CODIR_IMPLEMENTATION
 #include "../codir.h"
+
+#include <errno.h>
+#ifdef _WIN32
+#include <direct.h>
+#else
+#include <sys/stat.h>
+#endif
 
 #include <math.h>
 #include <stdio.h>
@@ -33,6 +41,8 @@
 #define NUM_STUDENTS 4
 #define MAX_SEEDS 16
 #define MAX_EPOCHS 200
+/* The most classes a task may have: a class id beyond this is almost surely a typo. */
+#define MAX_CLASSES 10000
 
 /* Command-line options of a run. */
 typedef struct options {
@@ -93,7 +103,8 @@ static void print_help(const options *d)
            "                        vocab.txt (uncased) replaces the learned vocabulary\n");
     printf("  --student-init DIR    start every student from this model folder, e.g. a pre-distilled\n"
            "                        student, instead of from the teacher's blocks\n");
-    printf("  --save-teacher DIR    save the trained teacher as a model folder\n");
+    printf("  --save-teacher DIR    save the trained teacher and vocab.txt as a model folder; created if\n"
+           "                        missing, its parent must exist\n");
     printf("  --curves PREFIX       write PREFIX.csv and PREFIX.svg, the training curves (default %s)\n", d->curves);
     printf("  --train-limit N       use only the first N rows of train.tsv; 0 uses all (default %d)\n", d->train_limit);
     printf("  --vocab-size N        WordPiece vocabulary learned from train.tsv, tokens (default %d)\n", d->vocab_size);
@@ -172,12 +183,12 @@ static int parse_choice(const char *name, const char *text, const char *one, con
 /* Returns 1 on success, 0 after printing an error, 2 when --help was given. */
 static int parse_args(int argc, char **argv, options *o)
 {
-    int i, first;
+    int i, first = 0;
     for (i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int ok;
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) return 2;
-        if (!v) {
+        if (!v || strncmp(v, "--", 2) == 0) {
             fprintf(stderr, "distill: option %s needs a value (see --help)\n", a);
             return 0;
         }
@@ -231,6 +242,22 @@ static int parse_args(int argc, char **argv, options *o)
     return 1;
 }
 
+/* Creates folder `dir` unless it exists (mkdir is POSIX; the library itself needs
+   only C11). Returns 0, or 1 after printing an error. */
+static int make_folder(const char *dir)
+{
+#ifdef _WIN32
+    int rc = _mkdir(dir);
+#else
+    int rc = mkdir(dir, 0777);
+#endif
+    if (rc != 0 && errno != EEXIST) {
+        fprintf(stderr, "distill: cannot create the folder %s: %s\n", dir, strerror(errno));
+        return 1;
+    }
+    return 0;
+}
+
 static double now_seconds(void)
 {
     struct timespec ts;
@@ -252,6 +279,7 @@ typedef struct run_data {
     int *order;
     int regression;             /* 1 when the data has float targets */
     codir_teacher_cache *cache; /* the teacher's outputs per training example, or NULL */
+    const codir_vocab *vocab;   /* the vocabulary of train and dev */
     FILE *csv;                  /* training curves, or NULL */
 } run_data;
 
@@ -509,10 +537,14 @@ static codir_model *make_teacher(run_data *rd, const codir_config *cfg, report *
         codir_model_free(teacher);
         return NULL;
     }
-    if (o->save_teacher_dir && codir_model_save(teacher, o->save_teacher_dir)) {
-        fprintf(stderr, "distill: saving the teacher to %s failed: %s\n", o->save_teacher_dir, codir_last_error());
-        codir_model_free(teacher);
-        return NULL;
+    if (o->save_teacher_dir) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/vocab.txt", o->save_teacher_dir);
+        if (codir_model_save(teacher, o->save_teacher_dir) || codir_vocab_save(rd->vocab, path)) {
+            fprintf(stderr, "distill: saving the teacher to %s failed: %s\n", o->save_teacher_dir, codir_last_error());
+            codir_model_free(teacher);
+            return NULL;
+        }
     }
     return teacher;
 }
@@ -726,8 +758,19 @@ int main(int argc, char **argv)
     if (rd.train) rd.dev = load_split(&o, "dev.tsv", &vocab, &dev_text);
     if (!rd.train || !rd.dev) goto done;
     rd.regression = rd.train->targets != NULL;
+    rd.vocab = vocab;
     printf("data=%s train=%d dev=%d task=%s vocab=%d\n", o.data_dir, rd.train->count, rd.dev->count,
            rd.regression ? "regression" : "classification", vocab->size);
+    if (!rd.regression && rd.train->num_classes > MAX_CLASSES) {
+        fprintf(stderr, "distill: %s/train.tsv has class ids up to %d; ids must be 0..N-1 with N at most %d\n", o.data_dir,
+                rd.train->num_classes - 1, MAX_CLASSES);
+        goto done;
+    }
+    if (o.negatives >= rd.train->count) {
+        fprintf(stderr, "distill: --negatives %d must be below the %d training examples\n", o.negatives, rd.train->count);
+        goto done;
+    }
+    if (o.save_teacher_dir && make_folder(o.save_teacher_dir)) goto done;
     if (!rd.regression && rd.dev->num_classes > rd.train->num_classes) {
         fprintf(stderr, "distill: dev.tsv has label %d but train.tsv only 0..%d\n", rd.dev->num_classes - 1,
                 rd.train->num_classes - 1);

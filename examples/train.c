@@ -30,6 +30,10 @@
 #include <omp.h>
 #endif
 
+/* The most classes a task may have: a class id beyond this is almost surely a typo
+   or a float score in a classification file. */
+#define MAX_CLASSES 10000
+
 /* Command-line options of a run. */
 typedef struct options {
     const char *data_dir, *out_dir, *init_dir, *vocab_path;
@@ -70,7 +74,8 @@ static void print_help(const options *d)
            "Fine-tunes a model on DIR/train.tsv, reports the task's metrics on DIR/dev.tsv after\n"
            "every epoch, and saves the model folder (config.json, model.safetensors, vocab.txt).\n\n");
     printf("  --data DIR          folder with train.tsv and dev.tsv in a GLUE layout (default %s)\n", d->data_dir);
-    printf("  --out DIR           model folder to write; created if missing (default %s)\n", d->out_dir);
+    printf("  --out DIR           model folder to write; created if missing, its parent must exist\n"
+           "                      (default %s)\n", d->out_dir);
     printf("  --init DIR          start from this model folder (its config.json and vocab.txt)\n");
     printf("  --train-limit N     use only the first N rows of train.tsv; 0 uses all (default %d)\n", d->train_limit);
     printf("  --vocab FILE        use this vocab.txt instead of learning one from train.tsv\n");
@@ -133,7 +138,7 @@ static int parse_args(int argc, char **argv, options *o)
             o->lowercase = 0;
             continue;
         }
-        if (!v) {
+        if (!v || strncmp(v, "--", 2) == 0) {
             fprintf(stderr, "train: option %s needs a value (see --help)\n", a);
             return 0;
         }
@@ -167,6 +172,10 @@ static int parse_args(int argc, char **argv, options *o)
     }
     if (o->hidden % o->heads != 0) {
         fprintf(stderr, "train: --heads %d does not divide --hidden %d\n", o->heads, o->hidden);
+        return 0;
+    }
+    if (o->max_len > 0 && o->max_len < 3) {
+        fprintf(stderr, "train: invalid value '%d' for --max-len: expected 0 or an integer in [3, 4096]\n", o->max_len);
         return 0;
     }
     return 1;
@@ -295,6 +304,23 @@ int main(int argc, char **argv)
     train_data = load(o.data_dir, "train.tsv");
     dev_data = train_data ? load(o.data_dir, "dev.tsv") : NULL;
     if (!train_data || !dev_data) goto done;
+    if (!train_data->is_regression && train_data->num_classes > MAX_CLASSES) {
+        fprintf(stderr, "train: %s/train.tsv has class ids up to %d; ids must be 0..N-1 with N at most %d\n", o.data_dir,
+                train_data->num_classes - 1, MAX_CLASSES);
+        goto done;
+    }
+    if (!train_data->is_regression && dev_data->num_classes > train_data->num_classes) {
+        fprintf(stderr, "train: %s/dev.tsv has class %d but train.tsv only 0..%d\n", o.data_dir, dev_data->num_classes - 1,
+                train_data->num_classes - 1);
+        goto done;
+    }
+    if (dev_data->is_regression != train_data->is_regression) {
+        fprintf(stderr, "train: %s: train.tsv and dev.tsv have different label kinds\n", o.data_dir);
+        goto done;
+    }
+
+    /* Fail now, not after training, when the output folder cannot be made. */
+    if (make_folder(o.out_dir)) goto done;
     if (o.train_limit > 0) codir_dataset_truncate(train_data, o.train_limit);
     if (o.init_dir) snprintf(path, sizeof path, "%s/vocab.txt", o.init_dir);
     if (o.init_dir || o.vocab_path) vocab = codir_vocab_load(o.init_dir ? path : o.vocab_path, o.lowercase);
@@ -397,7 +423,6 @@ int main(int argc, char **argv)
 
     /* The model folder. */
     snprintf(path, sizeof path, "%s/vocab.txt", o.out_dir);
-    if (make_folder(o.out_dir)) goto done;
     if (codir_model_save(model, o.out_dir) || codir_vocab_save(vocab, path)) {
         fprintf(stderr, "train: saving to %s failed: %s\n", o.out_dir, codir_last_error());
         goto done;

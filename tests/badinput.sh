@@ -22,18 +22,26 @@ failed=0
 
 # A tiny task: 6 training and 2 dev sentences, and the options that keep a run short.
 data=$work/data
-mkdir -p "$data" "$work/no_dev" "$work/bad_label" "$work/out" "$work/cut_model"
+mkdir -p "$data" "$work/no_dev" "$work/bad_label" "$work/big_label" "$work/dev_label" "$work/out" \
+    "$work/cut_model" "$work/bad_vocab"
 printf 'sentence\tlabel\ngood movie\t1\nbad movie\t0\ngreat fun\t1\ndull plot\t0\nfine acting\t1\nweak ending\t0\n' \
     >"$data/train.tsv"
 printf 'sentence\tlabel\ngood fun\t1\nbad plot\t0\n' >"$data/dev.tsv"
 cp "$data/train.tsv" "$work/no_dev/train.tsv"
 printf 'sentence\tlabel\ngood movie\t1\nbad movie\tpositive\n' >"$work/bad_label/train.tsv"
 cp "$data/dev.tsv" "$work/bad_label/dev.tsv"
-# A model folder whose weights file is cut to 3 bytes, with a vocab.txt that lacks [MASK].
+printf 'sentence\tlabel\ngood movie\t1\nbad movie\t1000000\n' >"$work/big_label/train.tsv"
+cp "$data/dev.tsv" "$work/big_label/dev.tsv"
+cp "$data/train.tsv" "$work/dev_label/train.tsv"
+printf 'sentence\tlabel\ngood fun\t5\n' >"$work/dev_label/dev.tsv"
+# A model folder whose weights file is cut to 3 bytes, and one whose vocab.txt lacks [MASK].
 printf '{"hidden_size": 8, "num_attention_heads": 2}' >"$work/cut_model/config.json"
 printf 'abc' >"$work/cut_model/model.safetensors"
-printf '[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n' >"$work/cut_model/vocab.txt"
-tiny="--teacher-layers 2 --hidden 8 --heads 2 --ffn 8 --teacher-epochs 1 --student-epochs 1 --vocab-size 16 --proj-dim 4"
+printf '[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\ngood\nbad\n' >"$work/cut_model/vocab.txt"
+cp "$work/cut_model/config.json" "$work/cut_model/model.safetensors" "$work/bad_vocab/"
+printf '[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n' >"$work/bad_vocab/vocab.txt"
+tiny="--teacher-layers 2 --hidden 8 --heads 2 --ffn 8 --teacher-epochs 1 --student-epochs 1 --vocab-size 16 --proj-dim 4 \
+    --negatives 2"
 
 # Runs one case. $1: case name, $2: "exact" or "contains", $3: expected stderr (exact:
 # the whole output; contains: a fixed substring), then the command.
@@ -125,15 +133,27 @@ run_case "distill missing dev.tsv" contains "distill: failed to open TSV file '$
 run_case "distill bad label in train.tsv" contains \
     "distill: $work/bad_label/train.tsv:3: invalid label 'positive'; labels must be integers >= 0" \
     "$distill" --data "$work/bad_label" --curves "$work/out/curves"
-run_case "distill missing teacher folder" contains \
-    "distill: loading the teacher from $work/absent failed: failed to open '$work/absent/config.json'" \
+run_case "distill missing teacher folder" exact \
+    "distill: failed to open vocabulary file '$work/absent/vocab.txt': No such file or directory; check the path" \
     "$distill" --data "$data" --teacher "$work/absent" --curves "$work/out/curves" $tiny
+run_case "distill teacher vocab.txt without [MASK]" exact \
+    "distill: $work/bad_vocab/vocab.txt: missing special token [MASK]; a BERT vocabulary must contain [PAD], [UNK], [CLS], [SEP] and [MASK], one per line" \
+    "$distill" --data "$data" --teacher "$work/bad_vocab" --curves "$work/out/curves" $tiny
 run_case "distill truncated teacher weights" exact \
     "distill: loading the teacher from $work/cut_model failed: $work/cut_model/model.safetensors: the file has 3 bytes, fewer than the 8-byte header length; it is truncated or is not a safetensors file" \
     "$distill" --data "$data" --teacher "$work/cut_model" --curves "$work/out/curves" $tiny
-run_case "distill K larger than the data" contains \
-    "NCE needs fewer negatives (K = 100) than training examples (6); lower K" \
-    "$distill" --data "$data" --negatives 100 --curves "$work/out/curves" $tiny
+run_case "distill K larger than the data" exact "distill: --negatives 100 must be below the 6 training examples" \
+    "$distill" --data "$data" --curves "$work/out/curves" $tiny --negatives 100
+run_case "distill K equal to the data" exact "distill: --negatives 6 must be below the 6 training examples" \
+    "$distill" --data "$data" --curves "$work/out/curves" $tiny --negatives 6
+run_case "distill class id 1000000" exact \
+    "distill: $work/big_label/train.tsv has class ids up to 1000000; ids must be 0..N-1 with N at most 10000" \
+    "$distill" --data "$work/big_label" --curves "$work/out/curves" $tiny
+run_case "distill dev class unseen in training" exact "distill: dev.tsv has label 5 but train.tsv only 0..1" \
+    "$distill" --data "$work/dev_label" --curves "$work/out/curves" $tiny
+run_case "distill --save-teacher with a missing parent" exact \
+    "distill: cannot create the folder $work/absent/teacher: No such file or directory" \
+    "$distill" --data "$data" --save-teacher "$work/absent/teacher" --curves "$work/out/curves" $tiny
 run_case "distill curves in a missing folder" contains "distill: cannot write $work/absent/curves.csv" \
     "$distill" --data "$data" --curves "$work/absent/curves" $tiny
 
@@ -152,8 +172,8 @@ run_case "train --micro-batch -1" exact "train: invalid value '-1' for --micro-b
     "$train" --micro-batch -1
 run_case "train --epochs 0" exact "train: invalid value '0' for --epochs: expected an integer in [1, 10000]" \
     "$train" --epochs 0
-run_case "train --max-len 2" exact "train: invalid value '2' for --max-len: expected an integer in [3, 4096]" \
-    "$train" --max-len 2
+run_case "train --max-len -1" exact "train: invalid value '-1' for --max-len: expected an integer in [0, 4096]" \
+    "$train" --max-len -1
 run_case "train --lr 0" exact "train: invalid value '0' for --lr: expected a number in [1e-08, 1]" "$train" --lr 0
 run_case "train --clip -1" exact "train: invalid value '-1' for --clip: expected a number in [0, 1e+06]" \
     "$train" --clip -1
@@ -161,6 +181,8 @@ run_case "train --dropout 0.95" exact "train: invalid value '0.95' for --dropout
     "$train" --dropout 0.95
 run_case "train unknown option" exact "train: unknown option --bogus (see --help)" "$train" --bogus 1
 run_case "train --out without a value" exact "train: option --out needs a value (see --help)" "$train" --out
+run_case "train --out followed by an option" exact "train: option --out needs a value (see --help)" \
+    "$train" --out --epochs 1
 
 # ---- train: files and data ----
 run_case "train missing data folder" exact \
@@ -172,14 +194,25 @@ run_case "train missing dev.tsv" exact \
 run_case "train bad label in train.tsv" exact \
     "train: $work/bad_label/train.tsv:3: invalid label 'positive'; labels must be integers >= 0" \
     "$train" --data "$work/bad_label" --out "$work/out"
+run_case "train --max-len 1" exact \
+    "train: encoding failed: max_len 1 cannot hold the special tokens of a sentence ([CLS] and [SEP])" \
+    "$train" --data "$data" --max-len 1 --out "$work/out"
+run_case "train class id 1000000" exact \
+    "train: $work/big_label/train.tsv has class ids up to 1000000; ids must be 0..N-1 with N at most 10000" \
+    "$train" --data "$work/big_label" --out "$work/out"
+run_case "train dev class unseen in training" exact \
+    "train: $work/dev_label/dev.tsv has class 5 but train.tsv only 0..1" "$train" --data "$work/dev_label" --out "$work/out"
+run_case "train --out with a missing parent" exact \
+    "train: cannot create the folder $work/absent/model: No such file or directory" \
+    "$train" --data "$data" --out "$work/absent/model"
 run_case "train missing vocab.txt" exact \
     "train: vocabulary: failed to open vocabulary file '$work/absent.txt': No such file or directory; check the path" \
     "$train" --data "$data" --vocab "$work/absent.txt" --out "$work/out"
 run_case "train missing --init folder" contains "failed to open vocabulary file '$work/absent/vocab.txt'" \
     "$train" --data "$data" --init "$work/absent" --out "$work/out"
 run_case "train vocab.txt without [MASK]" exact \
-    "train: vocabulary: $work/cut_model/vocab.txt: missing special token [MASK]; a BERT vocabulary must contain [PAD], [UNK], [CLS], [SEP] and [MASK], one per line" \
-    "$train" --data "$data" --vocab "$work/cut_model/vocab.txt" --out "$work/out"
+    "train: vocabulary: $work/bad_vocab/vocab.txt: missing special token [MASK]; a BERT vocabulary must contain [PAD], [UNK], [CLS], [SEP] and [MASK], one per line" \
+    "$train" --data "$data" --vocab "$work/bad_vocab/vocab.txt" --out "$work/out"
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -62,7 +62,7 @@ check "two translation units link" sh -c "$CC $warn -O1 -c tests/.two_tu_tmp.c -
     $CC $warn -O1 -fopenmp -c examples/distill.c -o $build/one.o && $CC $build/one.o $build/two.o -o $build/linked -fopenmp -lm"
 rm -f tests/.two_tu_tmp.c
 printf '#define CODIR_STATIC\n#define CODIR_IMPLEMENTATION\n#include "../codir.h"\nint main(void) { codir_config c = codir_config_default(); return codir_config_check(&c); }\n' >tests/.static_tmp.c
-check "CODIR_STATIC exports nothing" sh -c "$CC -std=c11 -Wall -Wextra -Wpedantic -Wno-unused-function -Werror -O1 -c tests/.static_tmp.c -o $build/static.o &&
+check "CODIR_STATIC exports nothing" sh -c "$CC -std=c11 -Wall -Wextra -Wpedantic -Werror -O1 -c tests/.static_tmp.c -o $build/static.o &&
     ! nm $build/static.o | grep -E ' [TDB] codir_'"
 rm -f tests/.static_tmp.c
 printf '#define CODIR_MALLOC(n) malloc(n)\n#define CODIR_IMPLEMENTATION\n#include "../codir.h"\n' >tests/.alloc_tmp.c
@@ -70,6 +70,11 @@ check "partial allocator override is an error naming the missing macros" sh -c "
     grep -q 'CODIR_REALLOC is missing' $build/alloc.err && grep -q 'CODIR_FREE is missing' $build/alloc.err"
 rm -f tests/.alloc_tmp.c
 check "allocator override counts no leak" sh -c "$CC -std=c11 -O1 -fopenmp tests/alloc_count.c -o $build/alloc_count -lm && $build/alloc_count"
+check "every allocation failure is reported" sh -c "$CC -std=c11 -O1 -Wno-unknown-pragmas tests/alloc_fail.c -o $build/alloc_fail -lm &&
+    $build/alloc_fail"
+printf 'int main(void) { return 0; }\n' >"$build/fast.c"
+check "-ffast-math is rejected" sh -c "! $CC -ffast-math -include codir.h -c $build/fast.c -o $build/fast.o 2>$build/fast.err &&
+    grep -q 'CODIR_ALLOW_FAST_MATH' $build/fast.err"
 
 echo "== unit tests (-O2 -fopenmp)"
 if $CC -std=c11 -O2 -fopenmp $srcs -o "$build/tests" -lm 2>"$build/cc.txt"; then
@@ -111,6 +116,26 @@ check "train on sentence pairs, save, reload" sh -c "$build/train --data tests/f
     >$build/train2.txt && grep -q 'saved=' $build/train2.txt"
 check "train on a regression task" sh -c "$build/train --data tests/fixtures/tasks/overlap-sts --epochs 1 --layers 1 \
     --hidden 32 --heads 2 --ffn 64 --vocab-size 800 --out $build/sts_model >$build/train3.txt && grep -q 'pearson=' $build/train3.txt"
+
+echo "== bad input to the examples"
+if $CC -std=c11 -O1 -g -fopenmp -fsanitize=address,undefined examples/distill.c -o "$build/distill_asan" -lm 2>"$build/cc.txt" &&
+    $CC -std=c11 -O1 -g -fopenmp -fsanitize=address,undefined examples/train.c -o "$build/train_asan" -lm 2>>"$build/cc.txt"; then
+    run_suite "bad input catalogue" bash tests/badinput.sh "$build/distill_asan" "$build/train_asan"
+else
+    failed=$((failed + 1)); echo "FAIL sanitized examples do not compile"; head -n 30 "$build/cc.txt"
+fi
+
+echo "== fuzzing (${CODIR_FUZZ_SECONDS:-60} s per harness when clang and libFuzzer are installed)"
+bash tests/fuzz/run.sh "${CODIR_FUZZ_SECONDS:-60}" >"$build/fuzz.txt" 2>&1
+fuzz_status=$?
+cat "$build/fuzz.txt"
+if grep -q '^skipped' "$build/fuzz.txt"; then
+    :
+elif [ $fuzz_status -eq 0 ]; then
+    passed=$((passed + 1))
+else
+    failed=$((failed + 1))
+fi
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
