@@ -6506,7 +6506,11 @@ CODIR_DEF codir_distill_config codir_distill_config_default(void)
 static int codir__distill_check(const codir_distill_config *cfg, const codir_config *student,
                                 const codir_config *teacher, int num_examples)
 {
-    int k;
+    int k, rc;
+    rc = codir_config_check(student);
+    if (rc) return codir__fail(rc, "student config: %s", codir_last_error());
+    rc = codir_config_check(teacher);
+    if (rc) return codir__fail(rc, "teacher config: %s", codir_last_error());
     if (!(cfg->beta >= 0.0f && cfg->beta <= 1.0f))
         return codir__fail(CODIR_ERR_INVALID, "beta %g must be in [0, 1]", (double)cfg->beta);
     if (!(cfg->temperature > 0.0f) || !isfinite(cfg->temperature))

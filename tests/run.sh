@@ -70,8 +70,8 @@ check "partial allocator override is an error naming the missing macros" sh -c "
     grep -q 'CODIR_REALLOC is missing' $build/alloc.err && grep -q 'CODIR_FREE is missing' $build/alloc.err"
 rm -f tests/.alloc_tmp.c
 check "allocator override counts no leak" sh -c "$CC -std=c11 -O1 -fopenmp tests/alloc_count.c -o $build/alloc_count -lm && $build/alloc_count"
-check "every allocation failure is reported" sh -c "$CC -std=c11 -O1 -Wno-unknown-pragmas tests/alloc_fail.c -o $build/alloc_fail -lm &&
-    $build/alloc_fail"
+check "every allocation failure is reported" sh -c "$CC -std=c11 -O1 -g -Wno-unknown-pragmas \
+    -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/alloc_fail.c -o $build/alloc_fail -lm && $build/alloc_fail"
 printf 'int main(void) { return 0; }\n' >"$build/fast.c"
 check "-ffast-math is rejected" sh -c "! $CC -ffast-math -include codir.h -c $build/fast.c -o $build/fast.o 2>$build/fast.err &&
     grep -q 'CODIR_ALLOW_FAST_MATH' $build/fast.err"
