@@ -195,7 +195,7 @@ run_case "train bad label in train.tsv" exact \
     "train: $work/bad_label/train.tsv:3: invalid label 'positive'; labels must be integers >= 0" \
     "$train" --data "$work/bad_label" --out "$work/out"
 run_case "train --max-len 1" exact \
-    "train: encoding failed: max_len 1 cannot hold the special tokens of a sentence ([CLS] and [SEP])" \
+    "train: invalid value '1' for --max-len: expected 0 or an integer in [3, 4096]" \
     "$train" --data "$data" --max-len 1 --out "$work/out"
 run_case "train class id 1000000" exact \
     "train: $work/big_label/train.tsv has class ids up to 1000000; ids must be 0..N-1 with N at most 10000" \
