@@ -1543,6 +1543,66 @@ static char *codir__strndup(const char *s, size_t n)
     return d;
 }
 
+/* ---- reading files ---- */
+
+/* Reads a whole file into *out, a NUL-terminated heap buffer, and stores its length
+   (without the NUL) in *length. `role` names the kind of file in error messages ("" for
+   none); a file over max_bytes (0 for no limit) is rejected as invalid. */
+static int codir__read_file(const char *path, const char *role, size_t max_bytes, char **out, size_t *length)
+{
+    FILE *file = fopen(path, "rb");
+    const char *space = role[0] ? " " : "";
+    char *data = NULL;
+    size_t size = 0, capacity = 0;
+    int rc;
+
+    *out = NULL;
+    if (!file)
+        return codir__fail(CODIR_ERR_IO, "failed to open %s%s'%s': %s; check the path", role, space, path,
+                           strerror(errno));
+    for (;;) {
+        size_t got;
+        if (max_bytes && size > max_bytes) break;
+        if (capacity - size < 2) {
+            size_t grown = capacity ? capacity : 32768;
+            char *bigger;
+            if (!codir__size_mul(grown, 2, &grown)) {
+                rc = codir__fail(CODIR_ERR_OVERFLOW, "%s%s'%s' is too large to read into memory", role, space, path);
+                goto fail;
+            }
+            bigger = (char *)codir__realloc(data, grown);
+            if (!bigger) {
+                rc = CODIR_ERR_NOMEM;
+                goto fail;
+            }
+            data = bigger;
+            capacity = grown;
+        }
+        got = fread(data + size, 1, capacity - size - 1, file);
+        size += got;
+        if (got == 0) break;
+    }
+    if (ferror(file)) {
+        rc = codir__fail(CODIR_ERR_IO, "failed to read %s%s'%s'", role, space, path);
+        goto fail;
+    }
+    if (max_bytes && size > max_bytes) {
+        rc = codir__fail(CODIR_ERR_INVALID, "%s%s'%s' is larger than the %zu bytes allowed for it", role, space, path,
+                         max_bytes);
+        goto fail;
+    }
+    fclose(file);
+    data[size] = '\0';
+    *out = data;
+    *length = size;
+    return CODIR_OK;
+
+fail:
+    fclose(file);
+    codir__free(data);
+    return rc;
+}
+
 /* ---- random numbers ---- */
 
 /* SplitMix64 (Steele, Lea, Flood 2014): advances *state and returns 64 random bits. */
@@ -4721,56 +4781,6 @@ static int codir__io_write_file(const char *path, const char *data, size_t n)
     return codir__io_commit(file, tmp_path, path, fwrite(data, 1, n, file) != n);
 }
 
-/* Reads a whole file of at most max_bytes into *out, a NUL-terminated heap buffer. */
-static int codir__io_read_file(const char *path, size_t max_bytes, char **out, size_t *length)
-{
-    FILE *file = fopen(path, "rb");
-    char *data = NULL;
-    size_t size = 0, capacity = 0;
-    int rc;
-    *out = NULL;
-    if (!file) return codir__fail(CODIR_ERR_IO, "failed to open '%s': %s; check the path", path, strerror(errno));
-    for (;;) {
-        size_t got;
-        if (size > max_bytes) {
-            rc = codir__fail(CODIR_ERR_INVALID, "'%s' is larger than the %zu bytes allowed for it", path, max_bytes);
-            goto fail;
-        }
-        if (capacity - size < 2) {
-            size_t grown = capacity ? capacity * 2 : 4096;
-            char *bigger;
-            bigger = (char *)codir__realloc(data, grown);
-            if (!bigger) {
-                rc = CODIR_ERR_NOMEM;
-                goto fail;
-            }
-            data = bigger;
-            capacity = grown;
-        }
-        got = fread(data + size, 1, capacity - size - 1, file);
-        size += got;
-        if (got == 0) break;
-    }
-    if (ferror(file)) {
-        rc = codir__fail(CODIR_ERR_IO, "failed to read '%s'", path);
-        goto fail;
-    }
-    if (size > max_bytes) {
-        rc = codir__fail(CODIR_ERR_INVALID, "'%s' is larger than the %zu bytes allowed for it", path, max_bytes);
-        goto fail;
-    }
-    fclose(file);
-    data[size] = '\0';
-    *out = data;
-    *length = size;
-    return CODIR_OK;
-
-fail:
-    fclose(file);
-    codir__free(data);
-    return rc;
-}
-
 /* ---- text buffers ---- */
 
 /* A growable byte string; `failed` records an allocation failure, so a writer can
@@ -6122,7 +6132,7 @@ CODIR_DEF int codir_config_load(const char *path, codir_config *cfg)
     int rc, member, num_labels = 2, listed = 0;
 
     if (!path || !cfg) return codir__fail(CODIR_ERR_INVALID, "codir_config_load: path or cfg is NULL");
-    rc = codir__io_read_file(path, (size_t)1 << 24, &text, &length);
+    rc = codir__read_file(path, "", (size_t)1 << 24, &text, &length);
     if (rc) return rc;
     rc = codir__json_parse(&js, text, length, 0, path, "a JSON config");
     if (!rc && js.nodes[0].type != CODIR__JSON_OBJECT)
@@ -7422,53 +7432,6 @@ static int codir__strmap_append(codir__strmap *map, const char *s, size_t n)
     return map->count++;
 }
 
-/* ---- reading files ---- */
-
-/* Reads a whole file into a NUL-terminated heap buffer and stores its length (without
-   the NUL) in *length. `role` names the kind of file in error messages. */
-static char *codir__read_file(const char *path, const char *role, size_t *length)
-{
-    FILE *file = fopen(path, "rb");
-    char *data = NULL;
-    size_t size = 0, capacity = 0;
-
-    if (!file) {
-        codir__fail(CODIR_ERR_IO, "failed to open %s '%s': %s; check the path", role, path, strerror(errno));
-        return NULL;
-    }
-    for (;;) {
-        size_t got;
-        if (capacity - size < 2) {
-            size_t grown = capacity ? capacity : 65536;
-            char *bigger;
-            if (!codir__size_mul(grown, 2, &grown)) {
-                codir__fail(CODIR_ERR_OVERFLOW, "%s '%s' is too large to read into memory", role, path);
-                goto fail;
-            }
-            bigger = (char *)codir__realloc(data, grown);
-            if (!bigger) goto fail;
-            data = bigger;
-            capacity = grown;
-        }
-        got = fread(data + size, 1, capacity - size - 1, file);
-        size += got;
-        if (got == 0) break;
-    }
-    if (ferror(file)) {
-        codir__fail(CODIR_ERR_IO, "failed to read %s '%s'", role, path);
-        goto fail;
-    }
-    fclose(file);
-    data[size] = '\0';
-    *length = size;
-    return data;
-
-fail:
-    fclose(file);
-    codir__free(data);
-    return NULL;
-}
-
 /* Skips a UTF-8 byte order mark, which some editors write at the start of text files. */
 static const char *codir__skip_bom(const char *data, const char *end)
 {
@@ -7531,8 +7494,7 @@ CODIR_DEF codir_vocab *codir_vocab_load(const char *path, int lowercase)
         codir__fail(CODIR_ERR_INVALID, "codir_vocab_load: path is NULL");
         return NULL;
     }
-    data = codir__read_file(path, "vocabulary file", &length);
-    if (!data) return NULL;
+    if (codir__read_file(path, "vocabulary file", 0, &data, &length)) return NULL;
 
     memset(&map, 0, sizeof map);
     end = data + length;
@@ -8649,8 +8611,7 @@ CODIR_DEF codir_dataset *codir_dataset_load_tsv_opts(const char *path, const cod
         return NULL;
     }
     if (codir__tsv_check_options(path, o) < 0) return NULL;
-    contents = codir__read_file(path, "TSV file", &length);
-    if (!contents) return NULL;
+    if (codir__read_file(path, "TSV file", 0, &contents, &length)) return NULL;
     end = contents + length;
     p = codir__skip_bom(contents, end);
 
@@ -8846,8 +8807,7 @@ CODIR_DEF codir_dataset *codir_dataset_load_tsv(const char *path)
     }
 
     /* Read the first line to pick the layout; the full load reads the file again. */
-    contents = codir__read_file(path, "TSV file", &length);
-    if (!contents) return NULL;
+    if (codir__read_file(path, "TSV file", 0, &contents, &length)) return NULL;
     end = contents + length;
     p = codir__skip_bom(contents, end);
     line_end = (const char *)memchr(p, '\n', (size_t)(end - p));
