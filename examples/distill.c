@@ -41,7 +41,7 @@
 #define NUM_STUDENTS 4
 #define MAX_SEEDS 16
 #define MAX_EPOCHS 200
-/* The most classes a task may have: a class id beyond this is almost surely a typo. */
+/* The maximum number of classes: a larger class id is almost surely a typo. */
 #define MAX_CLASSES 10000
 
 /* Command-line options of a run. */
@@ -558,7 +558,7 @@ static int make_cache(run_data *rd, const codir_model *teacher, const codir_conf
     codir_distiller *shape;
     double t0 = now_seconds(), limit = (double)o->cache_mb * 1048576.0, need;
 
-    /* A distiller with the students' layer map and pooling tells the cache what to keep. */
+    /* The cache keeps what a distiller with the students' layer map and pooling needs. */
     dcfg.lambda = o->lambda > 0.0f ? o->lambda : 1.0f;
     dcfg.num_negatives = 1;
     dcfg.proj_dim = 1;

@@ -30,8 +30,8 @@
 #include <omp.h>
 #endif
 
-/* The most classes a task may have: a class id beyond this is almost surely a typo
-   or a float score in a classification file. */
+/* The maximum number of classes: a larger class id is almost surely a typo or a
+   float score in a classification file. */
 #define MAX_CLASSES 10000
 
 /* Command-line options of a run. */

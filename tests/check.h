@@ -1,7 +1,7 @@
 /* A minimal test harness shared by the test_*.c files in this folder.
 
    Each test is a void function that calls CHECK or check_close. A test passes when no
-   check in it failed; main.c runs every test, prints one line per failure and ends
+   check in it failed. main.c runs every test, prints one line per failure and ends
    with "N passed, N failed", exiting non-zero on any failure. */
 #ifndef CODIR_CHECK_H
 #define CODIR_CHECK_H

@@ -1117,7 +1117,9 @@ static void test_tsv_glue_pair_layouts(void)
             CHECK_INT("MRPC label 1", data->labels[1], 0);
         }
         CHECK_INT("MRPC classes", data->num_classes, 2);
-        CHECK(data->label_names == NULL && data->targets == NULL && !data->is_regression, "MRPC: labels are ids");
+        CHECK(data->label_names == NULL, "MRPC: labels are ids, but label names were set");
+        CHECK(data->targets == NULL, "MRPC: classification, but targets were set");
+        CHECK(!data->is_regression, "MRPC: read as regression");
     }
     codir_dataset_free(data);
 
@@ -1159,7 +1161,8 @@ static void test_tsv_glue_pair_layouts(void)
     CHECK(data != NULL, "STS-B: %s", codir_last_error());
     if (data) {
         CHECK_INT("STS-B count", data->count, 3);
-        CHECK(data->is_regression == 1 && data->targets != NULL, "STS-B is not read as regression");
+        CHECK(data->is_regression == 1, "STS-B is not read as regression");
+        CHECK(data->targets != NULL, "STS-B has no targets");
         CHECK_INT("STS-B classes", data->num_classes, 1);
         if (data->count == 3 && data->targets && data->texts_b) {
             CHECK(data->targets[0] == 5.0f && data->targets[1] == 3.8f && data->targets[2] == 0.0f,
@@ -1199,7 +1202,8 @@ static void test_tsv_mnli_labels_stable(void)
     char path[512];
     codir_dataset *train = load_glue("mnli_train.tsv", NULL, path, sizeof path);
     codir_dataset *dev = load_glue("mnli_dev.tsv", NULL, path, sizeof path);
-    CHECK(train != NULL && dev != NULL, "MNLI: %s", codir_last_error());
+    CHECK(train != NULL, "MNLI train: %s", codir_last_error());
+    CHECK(dev != NULL, "MNLI dev: %s", codir_last_error());
     if (train && dev && train->count == 4 && dev->count == 2 && train->texts_b) {
         /* entailment 0, neutral 1, contradiction 2 in both files, whatever order the
            names appear in. */
