@@ -46,6 +46,7 @@
      CODIR_ASSERT(x)    internal invariant check; by default prints file:line and
                         the expression to stderr and aborts, also under NDEBUG
      CODIR_NO_SIMD      use the portable scalar GEMM micro-kernel only
+     CODIR_NO_FSYNC     skip the POSIX fsync before a saved file is renamed into place
      CODIR_ALLOW_FAST_MATH
                         allow -ffast-math, which disables the NaN and Inf checks
 
@@ -60,8 +61,9 @@
      - The tokenizer supports BERT's uncased (lowercase and strip accents) and cased
        set-ups, with Unicode 14 tables; see the tokenizer section for the code points
        where Hugging Face tokenizers' older tables differ.
-     - Checkpoint writes are atomic against a killed process, but C11 has no fsync, so
-       they are not durable against a power loss.
+     - Files are written to a temporary name, fsynced and renamed. fsync is POSIX, not
+       C11: on other systems (Windows) a write survives a killed process but not
+       necessarily a power loss.
 */
 #ifndef CODIR_H
 #define CODIR_H
@@ -239,11 +241,16 @@ CODIR_DEF void codir_softmax_backward(float *dinp, const float *out, const float
    channels h*HS .. h*HS+HS-1 of each. mask[B,T] is 1 for tokens and 0 for padding;
    padded keys get probability 0, and a query whose keys are all padding gets an
    all-zero probability row and output instead of NaN. att[B,NH,T,T] receives the
-   probabilities, which the backward pass reads. out[B,T,C]. */
-CODIR_DEF void codir_attention_forward(float *out, float *att, const float *qkv, const int *mask,
-                                       int B, int T, int C, int NH);
-CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const float *qkv,
-                                        const float *att, int B, int T, int C, int NH);
+   probabilities, which the backward pass reads; it may be NULL when no backward pass
+   follows. out[B,T,C].
+   The (sequence, head) pairs run in parallel on up to `threads` OpenMP threads, each
+   with its own part of `scratch`, which holds threads * codir_attention_scratch(T, C,
+   NH) floats. The result does not depend on the thread count. */
+CODIR_DEF size_t codir_attention_scratch(int T, int C, int NH);
+CODIR_DEF void codir_attention_forward(float *out, float *att, const float *qkv, const int *mask, int B, int T,
+                                       int C, int NH, float *scratch, int threads);
+CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att, int B,
+                                        int T, int C, int NH, float *scratch, int threads);
 
 /* out[B,T,C] = tok[ids] + pos[t] + type[types]; types may be NULL (all type 0).
    The caller checks ids < vocabulary size and t < maximum length. */
@@ -725,9 +732,8 @@ CODIR_DEF int codir_config_load(const char *path, codir_config *cfg);
 /* Writes dir/model.safetensors (with metadata {"format": "pt"}, which transformers'
    loader checks) and dir/config.json. `dir` must exist. Each file is written to a
    .tmp file and renamed, so a failed save never leaves a half-written file under the
-   final name. A crash between the two renames can leave new weights beside an old
-   config.json, and without fsync (not in C11) a power loss can still lose data that
-   the operating system had not yet written. */
+   final name; each is fsynced before its rename on POSIX systems. A crash between the
+   two renames can leave new weights beside an old config.json. */
 CODIR_DEF int codir_model_save(const codir_model *model, const char *dir);
 
 /* Loads a model folder written by codir_model_save or by Hugging Face's
@@ -1227,8 +1233,9 @@ typedef struct codir_train_state {
 /* Writes the state as one safetensors file (tensors "model.*", "adam_m.model.*", ...,
    "bank.teacher"; scalars in its metadata), to `path`.tmp first and then renamed over
    `path`, so a run killed at any moment leaves the old or the new file whole.
-   NOTE: C11 has no fsync, so after a power loss (unlike a killed process) the new file
-   may be incomplete on file systems that reorder writes. */
+   The temporary file is fsynced before the rename on POSIX systems, so a power loss
+   also leaves one of the two whole; elsewhere (or with CODIR_NO_FSYNC) only a killed
+   process is covered. */
 CODIR_DEF int codir_checkpoint_save(const char *path, const codir_train_state *state);
 /* Reads a checkpoint into objects created with the same shapes as the saved ones. On
    failure the objects may be partly overwritten and should be discarded. */
@@ -1835,8 +1842,57 @@ CODIR_DEF void codir_arena_free(codir_arena *arena)
 #define CODIR__PRAGMA(x) _Pragma(#x)
 #define CODIR__OMP_FOR(work) \
     CODIR__PRAGMA(omp parallel for schedule(static) if (!omp_in_parallel() && (double)(work) >= CODIR__OMP_MIN_WORK))
+#define CODIR__OMP_FOR_SIMD(work)                                  \
+    CODIR__PRAGMA(omp parallel for simd schedule(static) if (!omp_in_parallel() && \
+                                                             (double)(work) >= CODIR__OMP_MIN_WORK))
 #else
 #define CODIR__OMP_FOR(work)
+#define CODIR__OMP_FOR_SIMD(work)
+#endif
+
+/* Vectorizes the following loop, or a sum over it, with OpenMP's simd directive. GCC
+   at -O2 vectorizes few loops on its own; these are the hot element loops. The
+   vector width is fixed when the code is compiled, so a sum is rounded the same way
+   for every thread count. */
+#if defined(_OPENMP)
+#define CODIR__OMP_SIMD CODIR__PRAGMA(omp simd)
+#define CODIR__OMP_SIMD_SUM(x) CODIR__PRAGMA(omp simd reduction(+ : x))
+#define CODIR__OMP_SIMD_SUM2(x, y) CODIR__PRAGMA(omp simd reduction(+ : x, y))
+#else
+#define CODIR__OMP_SIMD
+#define CODIR__OMP_SIMD_SUM(x)
+#define CODIR__OMP_SIMD_SUM2(x, y)
+#endif
+
+/* Column block of the column-sum loops: a thread sums columns [lo, lo + 256) row after
+   row, so the reads stream through memory instead of striding down each column. */
+#define CODIR__COL_BLOCK 256
+
+/* Instruction sets compiled in, for the GEMM micro-kernels and the vector math below:
+   CODIR__SIMD_AVX512, CODIR__SIMD_AVX2 and CODIR__SIMD_NEON. CODIR_NO_SIMD turns all
+   of them off. */
+#if !defined(CODIR_NO_SIMD) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* x86-64 with GCC or Clang: the SIMD code is compiled with target attributes and the
+   widest version the CPU runs is picked at run time, so no -mavx2 or -march flag is
+   needed. */
+#define CODIR__SIMD_AVX512 1
+#define CODIR__SIMD_AVX2 1
+#define CODIR__SIMD_RUNTIME_DISPATCH 1
+#define CODIR__SIMD_TARGET_AVX512 __attribute__((target("avx512f")))
+#define CODIR__SIMD_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#include <immintrin.h>
+#elif !defined(CODIR_NO_SIMD) && defined(__AVX512F__)
+/* Other compilers: use what the build flags enable (for example MSVC /arch:AVX512). */
+#define CODIR__SIMD_AVX512 1
+#define CODIR__SIMD_TARGET_AVX512
+#include <immintrin.h>
+#elif !defined(CODIR_NO_SIMD) && defined(__AVX2__) && defined(__FMA__)
+#define CODIR__SIMD_AVX2 1
+#define CODIR__SIMD_TARGET_AVX2
+#include <immintrin.h>
+#elif !defined(CODIR_NO_SIMD) && defined(__aarch64__) && defined(__ARM_NEON)
+#define CODIR__SIMD_NEON 1
+#include <arm_neon.h>
 #endif
 
 /* ---- linear ---- */
@@ -1866,11 +1922,18 @@ CODIR_DEF int codir_linear_backward(struct codir_gemm_ws *ws, float *dinp, float
 
     /* db[OC] += column sums of dout */
     if (rc == CODIR_OK && db) {
+        int block, blocks = (OC + CODIR__COL_BLOCK - 1) / CODIR__COL_BLOCK;
         CODIR__OMP_FOR((double)N * OC)
-        for (o = 0; o < OC; o++) {
-            float sum = 0.0f;
-            for (i = 0; i < N; i++) sum += dout[(size_t)i * OC + o];
-            db[o] += sum;
+        for (block = 0; block < blocks; block++) {
+            int lo = block * CODIR__COL_BLOCK, width = OC - lo < CODIR__COL_BLOCK ? OC - lo : CODIR__COL_BLOCK;
+            float sum[CODIR__COL_BLOCK];
+            for (o = 0; o < width; o++) sum[o] = 0.0f;
+            for (i = 0; i < N; i++) {
+                const float *row = dout + (size_t)i * OC + lo;
+                CODIR__OMP_SIMD
+                for (o = 0; o < width; o++) sum[o] += row[o];
+            }
+            for (o = 0; o < width; o++) db[lo + o] += sum[o];
         }
     }
     return rc;
@@ -1881,7 +1944,7 @@ CODIR_DEF int codir_linear_backward(struct codir_gemm_ws *ws, float *dinp, float
 CODIR_DEF void codir_add_forward(float *out, const float *a, const float *b, size_t n)
 {
     size_t i;
-    CODIR__OMP_FOR(n)
+    CODIR__OMP_FOR_SIMD(n)
     for (i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
@@ -1911,12 +1974,15 @@ CODIR_DEF void codir_layernorm_forward(float *out, double *mean, float *rstd, co
 
         /* Two passes in double: one pass (E[x^2] - E[x]^2) cancels catastrophically on
            rows like mean 1e4 with spread 1e-2. */
+        CODIR__OMP_SIMD_SUM(m)
         for (c = 0; c < C; c++) m += x[c];
         m /= C;
+        CODIR__OMP_SIMD_SUM(v)
         for (c = 0; c < C; c++) v += (x[c] - m) * (x[c] - m);
         v /= C;
         fr = (float)(1.0 / sqrt(v + eps));
 
+        CODIR__OMP_SIMD
         for (c = 0; c < C; c++) y[c] = (float)((x[c] - m) * fr) * gamma[c] + beta[c];
         if (mean) mean[i] = m;
         if (rstd) rstd[i] = fr;
@@ -1939,6 +2005,7 @@ CODIR_DEF void codir_layernorm_backward(float *dinp, float *dgamma, float *dbeta
             double sum_g = 0.0, sum_gx = 0.0;
             float g_mean, gx_mean;
             int k;
+            CODIR__OMP_SIMD_SUM2(sum_g, sum_gx)
             for (k = 0; k < C; k++) {
                 float xhat = (float)((x[k] - mean[i]) * rstd[i]);
                 float g = dy[k] * gamma[k];
@@ -1947,6 +2014,7 @@ CODIR_DEF void codir_layernorm_backward(float *dinp, float *dgamma, float *dbeta
             }
             g_mean = (float)(sum_g / C);
             gx_mean = (float)(sum_gx / C);
+            CODIR__OMP_SIMD
             for (k = 0; k < C; k++) {
                 float xhat = (float)((x[k] - mean[i]) * rstd[i]);
                 dx[k] += rstd[i] * (dy[k] * gamma[k] - g_mean - xhat * gx_mean);
@@ -1956,42 +2024,181 @@ CODIR_DEF void codir_layernorm_backward(float *dinp, float *dgamma, float *dbeta
 
     /* dgamma = sum over rows of dout * xhat, dbeta = sum over rows of dout */
     if (dgamma || dbeta) {
+        int block, blocks = (C + CODIR__COL_BLOCK - 1) / CODIR__COL_BLOCK;
         CODIR__OMP_FOR((double)N * C)
-        for (c = 0; c < C; c++) {
-            float sg = 0.0f, sb = 0.0f;
+        for (block = 0; block < blocks; block++) {
+            int lo = block * CODIR__COL_BLOCK, width = C - lo < CODIR__COL_BLOCK ? C - lo : CODIR__COL_BLOCK;
+            float sg[CODIR__COL_BLOCK], sb[CODIR__COL_BLOCK];
+            for (c = 0; c < width; c++) sg[c] = sb[c] = 0.0f;
             for (i = 0; i < N; i++) {
-                float dy = dout[(size_t)i * C + c];
-                sg += dy * (float)((inp[(size_t)i * C + c] - mean[i]) * rstd[i]);
-                sb += dy;
+                const float *dy = dout + (size_t)i * C + lo, *x = inp + (size_t)i * C + lo;
+                double m = mean[i];
+                float r = rstd[i];
+                CODIR__OMP_SIMD
+                for (c = 0; c < width; c++) {
+                    sg[c] += dy[c] * (float)((x[c] - m) * r);
+                    sb[c] += dy[c];
+                }
             }
-            if (dgamma) dgamma[c] += sg;
-            if (dbeta) dbeta[c] += sb;
+            for (c = 0; c < width; c++) {
+                if (dgamma) dgamma[lo + c] += sg[c];
+                if (dbeta) dbeta[lo + c] += sb[c];
+            }
         }
     }
 }
 
-/* ---- GELU, tanh ---- */
+/* ---- vector math ----
+
+   GELU and the attention softmax spend most of their time in erff and expf, which libm
+   evaluates one value per call. These kernels use their own exp and normal CDF,
+   written as straight-line float code that OpenMP's `simd` directive vectorizes (with
+   -fopenmp). On x86-64 with GCC or Clang each loop is compiled for AVX-512, for
+   AVX2+FMA and for the baseline, and the widest version the CPU runs is called.
+
+   exp(x): x = n ln2 + r with |r| <= ln2/2 (Cody and Waite's ln2 in two parts), e^r
+   from Cephes expf's degree-7 polynomial, and 2^n written into the exponent bits.
+   Relative error within 2 ulp for -87.3 <= x <= 88.3; below that the result is 0.
+   Callers pass x <= 0, or at most about 1e-7 above.
+
+   Phi(x) = P(Z <= x) for a standard normal Z, from erfc(z) with z = |x|/sqrt(2), by
+   the Chebyshev fit of Press et al., Numerical Recipes in C, 2nd ed., section 6.2:
+       erfc(z) = t exp(-z^2 - 1.26551223 + t (1.00002368 + ... + t 0.17087277)),
+       t = 1 / (1 + z/2), fractional error below 1.2e-7 for every z >= 0.
+   Phi(x) = erfc(z)/2 for x <= 0 and 1 - erfc(z)/2 above, so the relative error stays
+   small in the left tail, where 1 + erf(x/sqrt(2)) would cancel. */
 
 #define CODIR__SQRT1_2 0.70710678118654752440
 #define CODIR__INV_SQRT_2PI 0.39894228040143267794
+#define CODIR__VEC_BLOCK 2048  /* elements per task when a kernel is split over threads */
 
-CODIR_DEF void codir_gelu_forward(float *out, const float *inp, size_t n)
+/* The loop bodies below are inlined into one copy per instruction set. */
+#if defined(__GNUC__) || defined(__clang__)
+#define CODIR__INLINE static inline __attribute__((always_inline))
+#else
+#define CODIR__INLINE static inline
+#endif
+
+CODIR__INLINE float codir__vexp(float x)
 {
-    size_t i;
-    CODIR__OMP_FOR(8 * n)
-    for (i = 0; i < n; i++) out[i] = 0.5f * inp[i] * (1.0f + erff(inp[i] * (float)CODIR__SQRT1_2));
+    const float shift = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    float y = x < -87.33654f ? -87.33654f : (x > 88.37626f ? 88.37626f : x);
+    float t = y * 1.44269504088896341f + shift, n = t - shift, r, p, scale;
+    uint32_t bits;
+    memcpy(&bits, &t, sizeof bits);
+    /* t = 1.5 * 2^23 + n, so its low mantissa bits hold n in two's complement. */
+    bits = (bits - 0x4B400000u + 127u) << 23;
+    memcpy(&scale, &bits, sizeof scale);
+    r = y - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = (p * r * r + r + 1.0f) * scale;
+    return x < -87.33654f ? 0.0f : p;
 }
 
-CODIR_DEF void codir_gelu_backward(float *dinp, const float *inp, const float *dout, size_t n)
+CODIR__INLINE float codir__vnormal_cdf(float x)
+{
+    float z = (x < 0.0f ? -x : x) * (float)CODIR__SQRT1_2;
+    float t = 1.0f / (1.0f + 0.5f * z), u = 0.17087277f, half_erfc;
+    u = u * t - 0.82215223f;
+    u = u * t + 1.48851587f;
+    u = u * t - 1.13520398f;
+    u = u * t + 0.27886807f;
+    u = u * t - 0.18628806f;
+    u = u * t + 0.09678418f;
+    u = u * t + 0.37409196f;
+    u = u * t + 1.00002368f;
+    u = u * t - 1.26551223f;
+    half_erfc = 0.5f * t * codir__vexp(u - z * z);
+    return x > 0.0f ? 1.0f - half_erfc : half_erfc;
+}
+
+/* out = x Phi(x) */
+CODIR__INLINE void codir__gelu_forward_loop(float *out, const float *inp, size_t n)
 {
     size_t i;
-    /* d/dx [x Phi(x)] = Phi(x) + x phi(x) */
-    CODIR__OMP_FOR(16 * n)
+    CODIR__OMP_SIMD
+    for (i = 0; i < n; i++) out[i] = inp[i] * codir__vnormal_cdf(inp[i]);
+}
+
+/* dinp += dout (Phi(x) + x phi(x)) */
+CODIR__INLINE void codir__gelu_backward_loop(float *dinp, const float *inp, const float *dout, size_t n)
+{
+    size_t i;
+    CODIR__OMP_SIMD
     for (i = 0; i < n; i++) {
         float x = inp[i];
-        float cdf = 0.5f * (1.0f + erff(x * (float)CODIR__SQRT1_2));
-        float pdf = (float)CODIR__INV_SQRT_2PI * expf(-0.5f * x * x);
-        dinp[i] += dout[i] * (cdf + x * pdf);
+        float pdf = (float)CODIR__INV_SQRT_2PI * codir__vexp(-0.5f * x * x);
+        dinp[i] += dout[i] * (codir__vnormal_cdf(x) + x * pdf);
+    }
+}
+
+/* p[j] = exp(p[j] - mx) for kept keys and 0 for padded ones; *total = their sum. */
+CODIR__INLINE void codir__exp_shifted_loop(float *p, const int *keep, float mx, int n, double *total)
+{
+    double sum = 0.0;
+    int j;
+    CODIR__OMP_SIMD_SUM(sum)
+    for (j = 0; j < n; j++) {
+        float e = codir__vexp(p[j] - mx);
+        p[j] = keep[j] ? e : 0.0f;
+        sum += p[j];
+    }
+    *total = sum;
+}
+
+/* Defines name_avx512, name_avx2 and name_base, each compiling `loop` for its target. */
+#if defined(CODIR__SIMD_RUNTIME_DISPATCH)
+#define CODIR__VEC_VERSIONS(name, params, args)                                                  \
+    CODIR__SIMD_TARGET_AVX512 static void name##_avx512 params { name##_loop args; }             \
+    CODIR__SIMD_TARGET_AVX2 static void name##_avx2 params { name##_loop args; }                 \
+    static void name##_base params { name##_loop args; }                                         \
+    static void name params                                                                      \
+    {                                                                                            \
+        if (__builtin_cpu_supports("avx512f"))                                                   \
+            name##_avx512 args;                                                                  \
+        else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))                \
+            name##_avx2 args;                                                                    \
+        else                                                                                     \
+            name##_base args;                                                                    \
+    }
+#else
+#define CODIR__VEC_VERSIONS(name, params, args) \
+    static void name params { name##_loop args; }
+#endif
+
+CODIR__VEC_VERSIONS(codir__gelu_forward, (float *out, const float *inp, size_t n), (out, inp, n))
+CODIR__VEC_VERSIONS(codir__gelu_backward, (float *dinp, const float *inp, const float *dout, size_t n),
+                    (dinp, inp, dout, n))
+CODIR__VEC_VERSIONS(codir__exp_shifted, (float *p, const int *keep, float mx, int n, double *total),
+                    (p, keep, mx, n, total))
+
+/* ---- GELU, tanh ---- */
+
+/* GELU(x) = x Phi(x), with Phi from the vector math above. */
+CODIR_DEF void codir_gelu_forward(float *out, const float *inp, size_t n)
+{
+    long block, blocks = (long)((n + CODIR__VEC_BLOCK - 1) / CODIR__VEC_BLOCK);
+    CODIR__OMP_FOR(8 * n)
+    for (block = 0; block < blocks; block++) {
+        size_t lo = (size_t)block * CODIR__VEC_BLOCK;
+        codir__gelu_forward(out + lo, inp + lo, n - lo < CODIR__VEC_BLOCK ? n - lo : CODIR__VEC_BLOCK);
+    }
+}
+
+/* d/dx [x Phi(x)] = Phi(x) + x phi(x) */
+CODIR_DEF void codir_gelu_backward(float *dinp, const float *inp, const float *dout, size_t n)
+{
+    long block, blocks = (long)((n + CODIR__VEC_BLOCK - 1) / CODIR__VEC_BLOCK);
+    CODIR__OMP_FOR(16 * n)
+    for (block = 0; block < blocks; block++) {
+        size_t lo = (size_t)block * CODIR__VEC_BLOCK;
+        codir__gelu_backward(dinp + lo, inp + lo, dout + lo, n - lo < CODIR__VEC_BLOCK ? n - lo : CODIR__VEC_BLOCK);
     }
 }
 
@@ -2048,105 +2255,131 @@ CODIR_DEF void codir_softmax_backward(float *dinp, const float *out, const float
 
 /* ---- attention ---- */
 
-/* Dot product with eight independent partial sums, which the compiler can keep in one
-   SIMD register; a single running sum would serialize on the add latency, because
-   float addition may not be reordered without -ffast-math. */
-static inline float codir__dot(const float *a, const float *b, int n)
+/* The attention kernels run each (sequence, head) pair on one thread, as a handful of
+   small GEMMs on strided views of qkv, so no head is copied out:
+       S  = scale * Q K^T          T x T, NT          (forward)
+       P  = softmax(S) per row     padded keys get 0
+       O  = P V                    T x HS, NN
+       dP = dO V^T                 T x T, NT          (backward)
+       dV += P^T dO                T x HS, TN
+       dS = P * (dP - rowsum(P * dP)) * scale
+       dQ += dS K                  T x HS, NN
+       dK += dS^T Q                T x HS, TN
+   Q, K and V of head h are columns h*HS.. of the three thirds of a qkv row, so their
+   leading dimension is 3C. The GEMM section defines codir__gemm_serial. */
+static size_t codir__gemm_serial_floats(int m, int n, int k);
+static void codir__gemm_serial(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
+                               const float *b, int ldb, float beta, float *c, int ldc, float *pack);
+
+CODIR_DEF size_t codir_attention_scratch(int T, int C, int NH)
 {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum;
-    int k = 0, u;
-    for (; k + 8 <= n; k += 8)
-        for (u = 0; u < 8; u++) acc[u] += a[k + u] * b[k + u];
-    sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; k < n; k++) sum += a[k] * b[k];
-    return sum;
+    int HS = C / NH;
+    size_t scores = codir__gemm_serial_floats(T, T, HS);
+    size_t mixes = codir__gemm_serial_floats(T, HS, T);
+    return (scores > mixes ? scores : mixes) + (size_t)T * T;
 }
 
-CODIR_DEF void codir_attention_forward(float *out, float *att, const float *qkv, const int *mask,
-                                       int B, int T, int C, int NH)
+/* Threads for the attention kernels: the caller's limit, capped by OpenMP's and by the
+   number of (sequence, head) pairs. */
+static int codir__attention_threads(int limit, int pairs)
 {
-    int HS = C / NH, bh;
-    float scale = 1.0f / sqrtf((float)HS);
-    CODIR__OMP_FOR((double)B * T * T * C)
-    for (bh = 0; bh < B * NH; bh++) {
-        int b = bh / NH, h = bh % NH, t, j, k;
-        const int *keep = mask + (size_t)b * T;
-        for (t = 0; t < T; t++) {
-            const float *q = qkv + ((size_t)b * T + t) * 3 * C + h * HS;
-            float *p = att + (((size_t)b * NH + h) * T + t) * T;
-            float *o = out + ((size_t)b * T + t) * C + h * HS;
-            float mx = -INFINITY;
-            double sum = 0.0;
+    int threads = limit < pairs ? limit : pairs;
+#ifdef _OPENMP
+    if (omp_in_parallel()) return 1;
+    if (threads > omp_get_max_threads()) threads = omp_get_max_threads();
+#else
+    threads = 1;
+#endif
+    return threads > 1 ? threads : 1;
+}
 
-            /* scores q . k_j / sqrt(HS) over the keys that are not padding */
-            for (j = 0; j < T; j++) {
-                const float *kj = qkv + ((size_t)b * T + j) * 3 * C + C + h * HS;
-                if (!keep[j]) {
-                    p[j] = -INFINITY;
-                    continue;
-                }
-                p[j] = codir__dot(q, kj, HS) * scale;
-                mx = p[j] > mx ? p[j] : mx;
-            }
-
-            /* softmax; a row with no key left stays all zero instead of 0/0 = NaN */
-            for (j = 0; j < T; j++) {
-                p[j] = keep[j] ? expf(p[j] - mx) : 0.0f;
-                sum += p[j];
-            }
-            for (j = 0; j < T; j++) p[j] = sum != 0.0 ? (float)(p[j] / sum) : 0.0f;
-
-            /* weighted sum of the values */
-            for (k = 0; k < HS; k++) o[k] = 0.0f;
-            for (j = 0; j < T; j++) {
-                const float *vj = qkv + ((size_t)b * T + j) * 3 * C + 2 * C + h * HS;
-                if (p[j] == 0.0f) continue;
-                for (k = 0; k < HS; k++) o[k] += p[j] * vj[k];
-            }
+/* Softmax over the T scores in each row of s[T, T], in place, skipping padded keys. */
+static void codir__attention_softmax(float *s, const int *keep, int T)
+{
+    int t, j;
+    for (t = 0; t < T; t++) {
+        float *p = s + (size_t)t * T, mx = -INFINITY;
+        double sum, inv;
+        int kept = 0;
+        for (j = 0; j < T; j++) {
+            kept |= keep[j];
+            if (keep[j] && p[j] > mx) mx = p[j];
         }
+        /* A row with no key left stays all zero instead of 0/0 = NaN. A NaN score
+           leaves mx at -Inf and comes out as NaN probabilities, as it should. */
+        if (!kept) {
+            memset(p, 0, (size_t)T * sizeof(float));
+            continue;
+        }
+        codir__exp_shifted(p, keep, mx, T, &sum);
+        inv = 1.0 / sum;
+        for (j = 0; j < T; j++) p[j] = (float)(p[j] * inv);
     }
 }
 
-CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const float *qkv,
-                                        const float *att, int B, int T, int C, int NH)
+CODIR_DEF void codir_attention_forward(float *out, float *att, const float *qkv, const int *mask, int B, int T,
+                                       int C, int NH, float *scratch, int threads)
 {
     int HS = C / NH, bh;
     float scale = 1.0f / sqrtf((float)HS);
-    /* Each (batch, head) pair owns its slice of dqkv, so the pairs run in parallel. */
-    CODIR__OMP_FOR((double)B * T * T * C)
+    size_t per_thread = codir_attention_scratch(T, C, NH);
+    threads = codir__attention_threads(threads, B * NH);
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#endif
     for (bh = 0; bh < B * NH; bh++) {
-        int b = bh / NH, h = bh % NH, t, j, k;
+        int b = bh / NH, h = bh % NH;
+#ifdef _OPENMP
+        float *mine = scratch + (size_t)omp_get_thread_num() * per_thread;
+#else
+        float *mine = scratch;
+#endif
+        const float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
+        float *p = att ? att + ((size_t)b * NH + h) * T * T : mine + (per_thread - (size_t)T * T);
+        codir__gemm_serial(0, 1, T, T, HS, scale, q, 3 * C, q + C, 3 * C, 0.0f, p, T, mine);
+        codir__attention_softmax(p, mask + (size_t)b * T, T);
+        codir__gemm_serial(0, 0, T, HS, T, 1.0f, p, T, q + 2 * C, 3 * C, 0.0f, out + (size_t)b * T * C + (size_t)h * HS, C,
+                           mine);
+    }
+}
+
+CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att, int B,
+                                        int T, int C, int NH, float *scratch, int threads)
+{
+    int HS = C / NH, bh;
+    float scale = 1.0f / sqrtf((float)HS);
+    size_t per_thread = codir_attention_scratch(T, C, NH);
+    threads = codir__attention_threads(threads, B * NH);
+    (void)threads;
+    /* Each (sequence, head) pair owns its slice of dqkv, so the pairs run in parallel. */
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#endif
+    for (bh = 0; bh < B * NH; bh++) {
+        int b = bh / NH, h = bh % NH, t, j;
+#ifdef _OPENMP
+        float *mine = scratch + (size_t)omp_get_thread_num() * per_thread;
+#else
+        float *mine = scratch;
+#endif
+        float *ds = mine + (per_thread - (size_t)T * T);
+        const float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
+        const float *p = att + ((size_t)b * NH + h) * T * T;
+        const float *dy = dout + (size_t)b * T * C + (size_t)h * HS;
+        float *dq = dqkv + (size_t)b * T * 3 * C + (size_t)h * HS;
+
+        codir__gemm_serial(0, 1, T, T, HS, 1.0f, dy, C, q + 2 * C, 3 * C, 0.0f, ds, T, mine);
+        codir__gemm_serial(1, 0, T, HS, T, 1.0f, p, T, dy, C, 1.0f, dq + 2 * C, 3 * C, mine);
         for (t = 0; t < T; t++) {
-            const float *q = qkv + ((size_t)b * T + t) * 3 * C + h * HS;
-            float *dq = dqkv + ((size_t)b * T + t) * 3 * C + h * HS;
-            const float *p = att + (((size_t)b * NH + h) * T + t) * T;
-            const float *dy = dout + ((size_t)b * T + t) * C + h * HS;
+            const float *pt = p + (size_t)t * T;
+            float *dst = ds + (size_t)t * T;
             double dot = 0.0;
-
-            /* o = sum_j p_j v_j: dv_j += p_j dy, and dp_j = dy . v_j.
-               The softmax backward needs sum_j p_j dp_j first. */
-            for (j = 0; j < T; j++) {
-                const float *vj = qkv + ((size_t)b * T + j) * 3 * C + 2 * C + h * HS;
-                float *dvj = dqkv + ((size_t)b * T + j) * 3 * C + 2 * C + h * HS;
-                if (p[j] == 0.0f) continue;
-                for (k = 0; k < HS; k++) dvj[k] += p[j] * dy[k];
-                dot += (double)p[j] * codir__dot(dy, vj, HS);
-            }
-
-            /* ds_j = p_j (dp_j - sum p dp); s_j = scale q . k_j */
-            for (j = 0; j < T; j++) {
-                const float *vj = qkv + ((size_t)b * T + j) * 3 * C + 2 * C + h * HS;
-                const float *kj = qkv + ((size_t)b * T + j) * 3 * C + C + h * HS;
-                float *dkj = dqkv + ((size_t)b * T + j) * 3 * C + C + h * HS;
-                float ds;
-                if (p[j] == 0.0f) continue;
-                ds = p[j] * (codir__dot(dy, vj, HS) - (float)dot) * scale;
-                for (k = 0; k < HS; k++) {
-                    dq[k] += ds * kj[k];
-                    dkj[k] += ds * q[k];
-                }
-            }
+            for (j = 0; j < T; j++) dot += (double)pt[j] * dst[j];
+            for (j = 0; j < T; j++) dst[j] = pt[j] * (dst[j] - (float)dot) * scale;
         }
+        codir__gemm_serial(0, 0, T, HS, T, 1.0f, ds, T, q + C, 3 * C, 1.0f, dq, 3 * C, mine);
+        codir__gemm_serial(1, 0, T, HS, T, 1.0f, ds, T, q, 3 * C, 1.0f, dq + C, 3 * C, mine);
     }
 }
 
@@ -2672,28 +2905,6 @@ CODIR_DEF void codir_infonce_backward(float *dzs, float *dzt, const float *probs
    whatever the thread count, so results are bit-identical for any number of threads.
    KC depends only on k for the same reason. */
 
-#if !defined(CODIR_NO_SIMD) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-/* x86-64 with GCC or Clang: both SIMD kernels are compiled with target attributes and
-   one is picked at run time, so no -mavx2 or -march flag is needed. */
-#define CODIR__GEMM_AVX512 1
-#define CODIR__GEMM_AVX2 1
-#define CODIR__GEMM_RUNTIME_DISPATCH 1
-#define CODIR__GEMM_TARGET_AVX512 __attribute__((target("avx512f")))
-#define CODIR__GEMM_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#include <immintrin.h>
-#elif !defined(CODIR_NO_SIMD) && defined(__AVX512F__)
-/* Other compilers: use what the build flags enable (for example MSVC /arch:AVX512). */
-#define CODIR__GEMM_AVX512 1
-#define CODIR__GEMM_TARGET_AVX512
-#include <immintrin.h>
-#elif !defined(CODIR_NO_SIMD) && defined(__AVX2__) && defined(__FMA__)
-#define CODIR__GEMM_AVX2 1
-#define CODIR__GEMM_TARGET_AVX2
-#include <immintrin.h>
-#elif !defined(CODIR_NO_SIMD) && defined(__aarch64__) && defined(__ARM_NEON)
-#define CODIR__GEMM_NEON 1
-#include <arm_neon.h>
-#endif
 
 /* Blocking constants, one set per micro-kernel:
        MR x NR   register tile of C
@@ -2822,7 +3033,7 @@ static void codir__gemm_kernel_scalar(int kc, const float *a, const float *b, fl
     }
 }
 
-#ifdef CODIR__GEMM_AVX512
+#ifdef CODIR__SIMD_AVX512
 /* AVX-512F kernel, MR x NR = 6 x 64: 24 zmm accumulators (6 rows of 4 vectors), 4 zmm
    for a row of B~ and 1 for the broadcast element of A~, out of 32 registers. */
 
@@ -2856,7 +3067,7 @@ static void codir__gemm_kernel_scalar(int kc, const float *a, const float *b, fl
         _mm512_storeu_ps(c_i + 48, out3);                                                     \
     } while (0)
 
-CODIR__GEMM_TARGET_AVX512
+CODIR__SIMD_TARGET_AVX512
 static void codir__gemm_kernel_avx512(int kc, const float *a, const float *b, float *c, ptrdiff_t ldc,
                                       float alpha, float beta)
 {
@@ -2906,9 +3117,9 @@ static void codir__gemm_kernel_avx512(int kc, const float *a, const float *b, fl
 }
 #undef CODIR__AVX512_FMA_ROW
 #undef CODIR__AVX512_STORE_ROW
-#endif /* CODIR__GEMM_AVX512 */
+#endif /* CODIR__SIMD_AVX512 */
 
-#ifdef CODIR__GEMM_AVX2
+#ifdef CODIR__SIMD_AVX2
 /* AVX2 + FMA kernel, MR x NR = 6 x 16: 12 ymm accumulators, 2 for a row of B~ and 1 for
    the broadcast element of A~, out of 16 registers. */
 
@@ -2932,7 +3143,7 @@ static void codir__gemm_kernel_avx512(int kc, const float *a, const float *b, fl
         _mm256_storeu_ps(c_i + 8, out1);                                                      \
     } while (0)
 
-CODIR__GEMM_TARGET_AVX2
+CODIR__SIMD_TARGET_AVX2
 static void codir__gemm_kernel_avx2(int kc, const float *a, const float *b, float *c, ptrdiff_t ldc,
                                     float alpha, float beta)
 {
@@ -2976,9 +3187,9 @@ static void codir__gemm_kernel_avx2(int kc, const float *a, const float *b, floa
 }
 #undef CODIR__AVX2_FMA_ROW
 #undef CODIR__AVX2_STORE_ROW
-#endif /* CODIR__GEMM_AVX2 */
+#endif /* CODIR__SIMD_AVX2 */
 
-#ifdef CODIR__GEMM_NEON
+#ifdef CODIR__SIMD_NEON
 /* AArch64 NEON kernel, MR x NR = 8 x 12: 24 q-register accumulators, 3 for a row of B~
    and 2 holding the 8 elements of A~, out of 32 registers. Each multiply-add takes its
    A element from a vector lane (vfmaq_laneq_f32), which saves the broadcasts.
@@ -3058,21 +3269,21 @@ static void codir__gemm_kernel_neon(int kc, const float *a, const float *b, floa
 }
 #undef CODIR__NEON_FMA_ROW
 #undef CODIR__NEON_STORE_ROW
-#endif /* CODIR__GEMM_NEON */
+#endif /* CODIR__SIMD_NEON */
 
 /* ---- GEMM: kernel selection ---- */
 
-#ifdef CODIR__GEMM_AVX512
+#ifdef CODIR__SIMD_AVX512
 static const codir__gemm_kernel codir__gemm_avx512 = {
     "avx512", codir__gemm_kernel_avx512, CODIR__GEMM_AVX512_MR, CODIR__GEMM_AVX512_NR,
     CODIR__GEMM_AVX512_MC, CODIR__GEMM_AVX512_KC, CODIR__GEMM_AVX512_NC};
 #endif
-#ifdef CODIR__GEMM_AVX2
+#ifdef CODIR__SIMD_AVX2
 static const codir__gemm_kernel codir__gemm_avx2 = {
     "avx2", codir__gemm_kernel_avx2, CODIR__GEMM_AVX2_MR, CODIR__GEMM_AVX2_NR,
     CODIR__GEMM_AVX2_MC, CODIR__GEMM_AVX2_KC, CODIR__GEMM_AVX2_NC};
 #endif
-#ifdef CODIR__GEMM_NEON
+#ifdef CODIR__SIMD_NEON
 static const codir__gemm_kernel codir__gemm_neon = {
     "neon", codir__gemm_kernel_neon, CODIR__GEMM_NEON_MR, CODIR__GEMM_NEON_NR,
     CODIR__GEMM_NEON_MC, CODIR__GEMM_NEON_KC, CODIR__GEMM_NEON_NC};
@@ -3086,15 +3297,15 @@ static const codir__gemm_kernel codir__gemm_scalar = {
    saves the vector registers, so the call is cheap and safe from any thread. */
 static const codir__gemm_kernel *codir__gemm_select_kernel(void)
 {
-#if defined(CODIR__GEMM_RUNTIME_DISPATCH)
+#if defined(CODIR__SIMD_RUNTIME_DISPATCH)
     if (__builtin_cpu_supports("avx512f")) return &codir__gemm_avx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &codir__gemm_avx2;
     return &codir__gemm_scalar;
-#elif defined(CODIR__GEMM_AVX512)
+#elif defined(CODIR__SIMD_AVX512)
     return &codir__gemm_avx512;
-#elif defined(CODIR__GEMM_AVX2)
+#elif defined(CODIR__SIMD_AVX2)
     return &codir__gemm_avx2;
-#elif defined(CODIR__GEMM_NEON)
+#elif defined(CODIR__SIMD_NEON)
     return &codir__gemm_neon;
 #else
     return &codir__gemm_scalar;
@@ -3546,6 +3757,61 @@ CODIR_DEF int codir_gemm(codir_gemm_ws *ws, int trans_a, int trans_b, int m, int
     return CODIR_OK;
 }
 
+/* ---- GEMM: serial products into caller buffers ----
+
+   The attention kernels run many small products, one (sequence, head) pair per
+   thread. They cannot share a workspace or start a parallel region per product, so
+   they call this serial form with packing buffers of their own. The blocking depends
+   only on m, n and k, as in codir_gemm. */
+
+/* Fills the block sizes and buffer strides of a one-thread plan. */
+static void codir__gemm_serial_blocks(const codir__gemm_kernel *kernel, int m, int n, int k, codir__gemm_plan *plan)
+{
+    plan->kc = codir__gemm_even_block(k, kernel->kc, 8);
+    plan->mc = codir__gemm_even_block(m, kernel->mc, kernel->mr);
+    plan->nc = codir__gemm_even_block(n, kernel->nc, kernel->nr);
+    plan->a_stride = codir__gemm_align_floats((size_t)plan->mc * (size_t)plan->kc);
+    plan->b_stride = codir__gemm_align_floats((size_t)plan->kc * (size_t)((plan->nc + kernel->nr - 1) / kernel->nr * kernel->nr));
+}
+
+/* Floats of packing buffer that codir__gemm_serial needs for an m x n x k product,
+   alignment slack included. m, n, k >= 1. */
+static size_t codir__gemm_serial_floats(int m, int n, int k)
+{
+    codir__gemm_plan plan;
+    codir__gemm_serial_blocks(codir__gemm_select_kernel(), m, n, k, &plan);
+    return plan.a_stride + plan.b_stride + CODIR__GEMM_ALIGN / sizeof(float);
+}
+
+/* C = alpha * op(A) * op(B) + beta * C on the calling thread, packing into `pack`
+   (codir__gemm_serial_floats(m, n, k) floats). For internal callers, whose arguments
+   are valid by construction: m, n, k >= 1 and alpha != 0. */
+static void codir__gemm_serial(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
+                               const float *b, int ldb, float beta, float *c, int ldc, float *pack)
+{
+    codir__gemm_plan plan;
+    uintptr_t aligned = ((uintptr_t)pack + (CODIR__GEMM_ALIGN - 1)) & ~(uintptr_t)(CODIR__GEMM_ALIGN - 1);
+    memset(&plan, 0, sizeof plan);
+    plan.kernel = codir__gemm_select_kernel();
+    plan.trans_a = trans_a;
+    plan.trans_b = trans_b;
+    plan.m = m;
+    plan.n = n;
+    plan.k = k;
+    plan.alpha = alpha;
+    plan.beta = beta;
+    plan.a = a;
+    plan.b = b;
+    plan.c = c;
+    plan.lda = lda;
+    plan.ldb = ldb;
+    plan.ldc = ldc;
+    codir__gemm_serial_blocks(plan.kernel, m, n, k, &plan);
+    plan.a_packs = (float *)aligned;
+    plan.b_packs = plan.a_packs + plan.a_stride;
+    codir__gemm_run_thread(&plan, 0, 1);
+}
+
 /* ===================================================================================
    5. Autograd (implementation)
    =================================================================================== */
@@ -3837,12 +4103,24 @@ CODIR_DEF codir_tensor *codir_gelu(codir_ctx *ctx, codir_tensor *x) { return cod
 CODIR_DEF codir_tensor *codir_tanh(codir_ctx *ctx, codir_tensor *x) { return codir__unary(ctx, x, CODIR__OP_TANH); }
 CODIR_DEF codir_tensor *codir_softmax(codir_ctx *ctx, codir_tensor *x) { return codir__unary(ctx, x, CODIR__OP_SOFTMAX); }
 
+/* Arena scratch for the attention kernels on `threads` threads, or NULL after
+   recording a failure. */
+static float *codir__attention_scratch_alloc(codir_ctx *ctx, int T, int C, int NH, int threads)
+{
+    size_t floats;
+    if (!codir__size_mul(codir_attention_scratch(T, C, NH), (size_t)threads, &floats)) {
+        codir__op_error(ctx, CODIR_ERR_OVERFLOW, "attention: scratch for %d threads overflows size_t", threads);
+        return NULL;
+    }
+    return codir__scratch(ctx, floats);
+}
+
 CODIR_DEF codir_tensor *codir_attention(codir_ctx *ctx, codir_tensor *qkv, const codir_itensor *mask, int num_heads)
 {
     codir_tensor *out;
     codir_node *node;
-    float *att;
-    int B, T, C, rg, shape[3];
+    float *att, *scratch;
+    int B, T, C, rg, threads, shape[3];
     size_t att_n;
     if (!qkv) return codir__op_failed(ctx, ctx->status ? ctx->status : CODIR_ERR_INVALID);
     if (qkv->ndim != 3 || qkv->shape[2] % 3 != 0)
@@ -3861,9 +4139,13 @@ CODIR_DEF codir_tensor *codir_attention(codir_ctx *ctx, codir_tensor *qkv, const
     shape[1] = T;
     shape[2] = C;
     out = codir_tensor_new(ctx, 3, shape, rg);
-    att = codir__scratch(ctx, att_n);
-    if (!out || !att) return NULL;
-    codir_attention_forward(out->data, att, qkv->data, mask->data, B, T, C, num_heads);
+    if (!out) return NULL;
+    /* Without a backward pass each thread keeps one head's scores in its scratch. */
+    att = NULL;
+    if (rg && !(att = codir__scratch(ctx, att_n))) return NULL;
+    threads = codir__attention_threads(INT_MAX, B * num_heads);
+    if (!(scratch = codir__attention_scratch_alloc(ctx, T, C, num_heads, threads))) return NULL;
+    codir_attention_forward(out->data, att, qkv->data, mask->data, B, T, C, num_heads, scratch, threads);
     if (rg) {
         if (!(node = codir__record(ctx, CODIR__OP_ATTENTION, out, qkv, NULL, NULL))) return NULL;
         node->saved[0] = att;
@@ -4299,11 +4581,16 @@ static int codir__node_backward(codir_ctx *ctx, const codir_node *n)
         if (dx) codir_softmax_backward(dx, out->data, out->grad, codir__rows(x), V);
         break;
     }
-    case CODIR__OP_ATTENTION:
-        if (dx)
-            codir_attention_backward(dx, out->grad, x->data, n->saved[0], x->shape[0], x->shape[1], x->shape[2] / 3,
-                                     n->dims[0]);
+    case CODIR__OP_ATTENTION: {
+        int B = x->shape[0], T = x->shape[1], C = x->shape[2] / 3, NH = n->dims[0];
+        int threads = codir__attention_threads(INT_MAX, B * NH);
+        float *scratch;
+        if (!dx) break;
+        if (!(scratch = codir__attention_scratch_alloc(ctx, T, C, NH, threads)))
+            return ctx->status ? ctx->status : CODIR_ERR_NOMEM;
+        codir_attention_backward(dx, out->grad, x->data, n->saved[0], B, T, C, NH, scratch, threads);
         break;
+    }
     case CODIR__OP_EMBEDDING: {
         int B = n->dims[0], T = n->dims[1], C = x->shape[1];
         int *order = (int *)codir_arena_alloc(&ctx->arena, (size_t)B * T * sizeof(int));
@@ -4701,6 +4988,20 @@ CODIR_DEF codir_tensor *codir_mlm_logits(codir_ctx *ctx, const codir_model *mode
 
 #include <locale.h>
 
+/* POSIX fsync makes a saved file durable before it is renamed into place. It is not
+   in C11, and a strict -std=c11 build hides the POSIX declarations of <stdio.h> and
+   <unistd.h>, so C declares the two functions itself; the parentheses keep a libc's
+   function-like macro for fileno out of the way. g++ always exposes them. */
+#if !defined(CODIR_NO_FSYNC) && (defined(__unix__) || defined(__APPLE__))
+#define CODIR__HAVE_FSYNC 1
+#ifdef __cplusplus
+#include <unistd.h>
+#else
+int(fileno)(FILE *stream);
+int fsync(int fd);
+#endif
+#endif
+
 /* ---- files ---- */
 
 /* Returns a heap copy of dir + "/" + name, or NULL. */
@@ -4744,13 +5045,17 @@ static int codir__io_create_tmp(const char *path, FILE **file, char **tmp_path)
     return rc;
 }
 
-/* Closes the file written to tmp_path and renames it to path, or removes it when
-   `failed` is set or closing fails. Frees tmp_path. C11 has no fsync, so the data may
-   still sit in the operating system's cache when this returns. */
+/* Flushes, syncs and closes the file written to tmp_path and renames it to path, or
+   removes it when `failed` is set or any of these steps fails. Frees tmp_path. The
+   sync comes before the rename, so after a crash or a power loss the final name holds
+   the old file or the whole new one (POSIX only; see CODIR_NO_FSYNC). */
 static int codir__io_commit(FILE *file, char *tmp_path, const char *path, int failed)
 {
     int rc = CODIR_OK;
     if (fflush(file) != 0 || ferror(file)) failed = 1;
+#ifdef CODIR__HAVE_FSYNC
+    if (!failed && fsync((fileno)(file)) != 0) failed = 1;
+#endif
     if (fclose(file) != 0) failed = 1;
     if (failed) {
         rc = codir__fail(CODIR_ERR_IO, "failed to write '%s'; check the free disk space", tmp_path);
@@ -7523,10 +7828,9 @@ fail:
 
 CODIR_DEF int codir_vocab_save(const codir_vocab *vocab, const char *path)
 {
-    size_t path_length, tmp_size;
     char *tmp_path;
     FILE *file;
-    int i, write_failed = 0;
+    int i, rc, write_failed = 0;
 
     if (!vocab || !path) return codir__fail(CODIR_ERR_INVALID, "codir_vocab_save: vocab or path is NULL");
     for (i = 0; i < vocab->size; i++) {
@@ -7536,50 +7840,12 @@ CODIR_DEF int codir_vocab_save(const codir_vocab *vocab, const char *path)
                                i);
     }
 
-    path_length = strlen(path);
-    if (!codir__size_add(path_length, sizeof ".tmp", &tmp_size))
-        return codir__fail(CODIR_ERR_OVERFLOW, "codir_vocab_save: path length overflows size_t");
-    tmp_path = (char *)codir__malloc(tmp_size);
-    if (!tmp_path) return CODIR_ERR_NOMEM;
-    memcpy(tmp_path, path, path_length);
-    memcpy(tmp_path + path_length, ".tmp", sizeof ".tmp");
-
-    file = fopen(tmp_path, "wb");
-    if (!file) {
-        int rc = codir__fail(CODIR_ERR_IO, "failed to create '%s': %s; check that the directory exists and is writable",
-                             tmp_path, strerror(errno));
-        codir__free(tmp_path);
-        return rc;
-    }
+    rc = codir__io_create_tmp(path, &file, &tmp_path);
+    if (rc) return rc;
     for (i = 0; i < vocab->size && !write_failed; i++) {
         if (fputs(vocab->tokens[i], file) == EOF || fputc('\n', file) == EOF) write_failed = 1;
     }
-    if (ferror(file)) write_failed = 1;
-    if (fclose(file) != 0) write_failed = 1;
-    if (write_failed) {
-        int rc = codir__fail(CODIR_ERR_IO, "failed to write '%s'; check the free disk space", tmp_path);
-        remove(tmp_path);
-        codir__free(tmp_path);
-        return rc;
-    }
-
-    if (rename(tmp_path, path) != 0) {
-        int rc;
-#ifdef _WIN32
-        /* Windows' rename() does not replace an existing file. */
-        remove(path);
-        if (rename(tmp_path, path) == 0) {
-            codir__free(tmp_path);
-            return 0;
-        }
-#endif
-        rc = codir__fail(CODIR_ERR_IO, "failed to rename '%s' to '%s': %s", tmp_path, path, strerror(errno));
-        remove(tmp_path);
-        codir__free(tmp_path);
-        return rc;
-    }
-    codir__free(tmp_path);
-    return 0;
+    return codir__io_commit(file, tmp_path, path, write_failed);
 }
 
 CODIR_DEF void codir_vocab_free(codir_vocab *vocab)

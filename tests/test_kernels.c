@@ -77,6 +77,14 @@ static float *copy_floats(const float *x, size_t n)
 }
 
 /* Returns the float64 values of x[n]; the test's float64 references read these. */
+/* Returns the number of elements where a and b differ bitwise. */
+static size_t count_different(const float *a, const float *b, size_t n)
+{
+    size_t i, d = 0;
+    for (i = 0; i < n; i++) d += memcmp(&a[i], &b[i], sizeof(float)) != 0;
+    return d;
+}
+
 static double *widen(const float *x, size_t n)
 {
     double *y = new_doubles(n);
@@ -723,6 +731,45 @@ static void test_gelu_backward(void)
     free_buffers();
 }
 
+/* GELU and its derivative on a dense grid over [-12, 12], spanning several
+   vectorized blocks and threads, against erfc in double. Phi is computed as
+   erfc(-x / sqrt(2)) / 2, so the reference keeps its relative accuracy in the left
+   tail, where GELU values are tiny. Bounds: absolute error below 2.5e-7 * max(1, |x|)
+   everywhere (about 2 float ulp), and relative error below 1e-4 down to x = -12. */
+static void test_gelu_accuracy(void)
+{
+    enum { n = 480001 };
+    float *x = new_floats(n), *out = new_floats(n), *ones = new_floats(n), *dx = new_floats(n);
+    double worst_abs = 0.0, worst_rel = 0.0, worst_grad = 0.0, at_abs = 0.0, at_rel = 0.0, at_grad = 0.0;
+    float special[3] = {NAN, 0.0f, -0.0f}, special_out[3];
+    int i;
+    for (i = 0; i < n; i++) {
+        x[i] = (float)(-12.0 + 24.0 * i / (n - 1));
+        ones[i] = 1.0f;
+    }
+    codir_gelu_forward(out, x, n);
+    codir_gelu_backward(dx, x, ones, n);
+    for (i = 0; i < n; i++) {
+        double xi = x[i], phi = 0.5 * erfc(-xi / sqrt(2.0)), want = xi * phi;
+        double grad = phi + xi * exp(-0.5 * xi * xi) / sqrt(2.0 * 3.14159265358979323846);
+        double scale = fabs(xi) > 1.0 ? fabs(xi) : 1.0;
+        double err = fabs(out[i] - want) / scale, gerr = fabs(dx[i] - grad) / scale;
+        if (err > worst_abs) worst_abs = err, at_abs = xi;
+        if (gerr > worst_grad) worst_grad = gerr, at_grad = xi;
+        if (want != 0.0 && fabs(out[i] - want) / fabs(want) > worst_rel)
+            worst_rel = fabs(out[i] - want) / fabs(want), at_rel = xi;
+    }
+    CHECK(worst_abs < 2.5e-7, "GELU error %.3g * max(1, |x|) at x = %.6g", worst_abs, at_abs);
+    CHECK(worst_rel < 1e-4, "GELU relative error %.3g at x = %.6g", worst_rel, at_rel);
+    CHECK(worst_grad < 2.5e-7, "GELU derivative error %.3g * max(1, |x|) at x = %.6g", worst_grad, at_grad);
+
+    codir_gelu_forward(special_out, special, 3);
+    CHECK(special_out[0] != special_out[0], "GELU(NaN) = %g, want NaN", (double)special_out[0]);
+    CHECK(special_out[1] == 0.0f && special_out[2] == 0.0f, "GELU(+-0) = %g, %g, want 0", (double)special_out[1],
+          (double)special_out[2]);
+    free_buffers();
+}
+
 static double ref_tanh(double x) { return tanh(x); }
 
 static void test_tanh(void)
@@ -788,6 +835,12 @@ static void test_softmax(void)
 
 /* ---- attention ---- */
 
+/* Scratch for the attention kernels on up to `threads` threads. */
+static float *attention_scratch(int T, int C, int NH, int threads)
+{
+    return new_floats((size_t)threads * codir_attention_scratch(T, C, NH));
+}
+
 typedef struct attention_case {
     double *qkv, *dy, *out;
     const int *mask;
@@ -843,7 +896,7 @@ static void test_attention_forward(void)
         float *out = new_floats((size_t)B * T * C), *att = new_floats(n_att);
         double *want = new_doubles((size_t)B * T * C), *want_att = new_doubles(n_att);
         int *mask = attention_mask(B, T);
-        codir_attention_forward(out, att, qkv, mask, B, T, C, NH);
+        codir_attention_forward(out, att, qkv, mask, B, T, C, NH, attention_scratch(T, C, NH, 2), 2);
         ref_attention(want, want_att, widen(qkv, (size_t)B * T * 3 * C), mask, B, T, C, NH);
         check_close(label("out B=%d T=%d C=%d NH=%d", B, T, C, NH), out, want, (size_t)B * T * C, FWD_ATOL, FWD_RTOL);
         check_close(label("att B=%d T=%d C=%d NH=%d", B, T, C, NH), att, want_att, n_att, 1e-6, 1e-5);
@@ -867,8 +920,8 @@ static void test_attention_backward(void)
         double *numeric = new_doubles(n);
         attention_case c;
         c.mask = attention_mask(B, T);
-        codir_attention_forward(out, att, qkv, c.mask, B, T, C, NH);
-        codir_attention_backward(dqkv, dy, qkv, att, B, T, C, NH);
+        codir_attention_forward(out, att, qkv, c.mask, B, T, C, NH, attention_scratch(T, C, NH, 2), 2);
+        codir_attention_backward(dqkv, dy, qkv, att, B, T, C, NH, attention_scratch(T, C, NH, 2), 2);
         c.qkv = widen(qkv, n);
         c.dy = widen(dy, (size_t)rows * C);
         c.out = new_doubles((size_t)rows * C);
@@ -894,8 +947,9 @@ static void test_attention_fully_masked(void)
     float *qkv = random_floats(B * T * 3 * C, &rng, -1, 1);
     float *out = random_floats(B * T * C, &rng, -1, 1), *att = random_floats(B * NH * T * T, &rng, -1, 1);
     float *dy = random_floats(B * T * C, &rng, -1, 1), *dqkv = new_floats(B * T * 3 * C);
+    float *scratch = attention_scratch(T, C, NH, 2);
     int i, c;
-    codir_attention_forward(out, att, qkv, mask, B, T, C, NH);
+    codir_attention_forward(out, att, qkv, mask, B, T, C, NH, scratch, 2);
     CHECK(all_finite(out, B * T * C), "attention output has NaN or Inf");
     CHECK(all_finite(att, B * NH * T * T), "attention probabilities have NaN or Inf");
 
@@ -906,7 +960,7 @@ static void test_attention_fully_masked(void)
     /* Sequence 0's padded key 2 gets probability 0 from every query. */
     for (i = 0; i < NH * T; i++) CHECK(att[i * T + 2] == 0.0f, "att to padded key, row %d = %g", i, (double)att[i * T + 2]);
 
-    codir_attention_backward(dqkv, dy, qkv, att, B, T, C, NH);
+    codir_attention_backward(dqkv, dy, qkv, att, B, T, C, NH, scratch, 2);
     CHECK(all_finite(dqkv, B * T * 3 * C), "attention gradient has NaN or Inf");
     for (i = T * 3 * C; i < B * T * 3 * C; i++)
         CHECK(dqkv[i] == 0.0f, "dqkv[%d] of the fully masked sequence = %g, want 0", i, (double)dqkv[i]);
@@ -914,6 +968,85 @@ static void test_attention_fully_masked(void)
     /* The padded key and value of sequence 0 (token 2) get no gradient either. */
     for (c = C; c < 3 * C; c++)
         CHECK(dqkv[2 * 3 * C + c] == 0.0f, "gradient of padded key/value channel %d = %g", c, (double)dqkv[2 * 3 * C + c]);
+    free_buffers();
+}
+
+/* Adds the analytic gradient of sum(dy * attention(qkv)) to dqkv, in double:
+   dv_j += sum_t p_tj dy_t, ds_tj = p_tj (dy_t . v_j - sum_i p_ti dy_t . v_i) / sqrt(HS),
+   dq_t += sum_j ds_tj k_j, dk_j += sum_t ds_tj q_t. */
+static void ref_attention_backward(double *dqkv, const double *dy, const double *qkv, const int *mask, int B, int T,
+                                   int C, int NH)
+{
+    int HS = C / NH, b, h, t, j, k;
+    double *att = new_doubles((size_t)B * NH * T * T), *out = new_doubles((size_t)B * T * C);
+    double *dp = new_doubles((size_t)T);
+    ref_attention(out, att, qkv, mask, B, T, C, NH);
+    for (b = 0; b < B; b++)
+        for (h = 0; h < NH; h++)
+            for (t = 0; t < T; t++) {
+                const double *p = att + (((size_t)b * NH + h) * T + t) * T;
+                const double *g = dy + ((size_t)b * T + t) * C + h * HS;
+                const double *q = qkv + ((size_t)b * T + t) * 3 * C + h * HS;
+                double *dq = dqkv + ((size_t)b * T + t) * 3 * C + h * HS, rowdot = 0.0;
+                for (j = 0; j < T; j++) {
+                    const double *v = qkv + ((size_t)b * T + j) * 3 * C + 2 * C + h * HS;
+                    dp[j] = 0.0;
+                    for (k = 0; k < HS; k++) dp[j] += g[k] * v[k];
+                    rowdot += p[j] * dp[j];
+                }
+                for (j = 0; j < T; j++) {
+                    const double *kj = qkv + ((size_t)b * T + j) * 3 * C + C + h * HS;
+                    double *dk = dqkv + ((size_t)b * T + j) * 3 * C + C + h * HS, *dv = dk + C;
+                    double ds = p[j] * (dp[j] - rowdot) / sqrt((double)HS);
+                    for (k = 0; k < HS; k++) {
+                        dv[k] += p[j] * g[k];
+                        dq[k] += ds * kj[k];
+                        dk[k] += ds * q[k];
+                    }
+                }
+            }
+}
+
+/* Shapes that need more than one GEMM block: T above the 144-row block of A~ and
+   above the 256-deep block of k, and a head size that is not a multiple of 16. The
+   reference is analytic in double; the same call on 1 and 2 threads must agree
+   bit for bit, and the forward pass without `att` must give the same output. */
+static void test_attention_large(void)
+{
+    static const int shapes[][4] = {{2, 150, 96, 2}, {1, 300, 64, 1}, {3, 37, 60, 3}};
+    unsigned long long rng = 115;
+    size_t s;
+    for (s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int B = shapes[s][0], T = shapes[s][1], C = shapes[s][2], NH = shapes[s][3], rows = B * T;
+        size_t n = (size_t)rows * 3 * C, n_att = (size_t)B * NH * T * T;
+        float *qkv = random_floats(n, &rng, -1.5, 1.5), *dy = random_floats((size_t)rows * C, &rng, -1, 1);
+        float *out = new_floats((size_t)rows * C), *out_no_att = new_floats((size_t)rows * C);
+        float *att = new_floats(n_att), *att1 = new_floats(n_att), *out1 = new_floats((size_t)rows * C);
+        float *dqkv = random_floats(n, &rng, -0.5, 0.5), *dqkv1 = copy_floats(dqkv, n);
+        float *scratch = attention_scratch(T, C, NH, 2);
+        double *want = new_doubles((size_t)rows * C), *want_att = new_doubles(n_att);
+        double *want_d = widen(dqkv, n), *dqkv_d = widen(qkv, n);
+        int *mask = attention_mask(B, T);
+
+        codir_attention_forward(out, att, qkv, mask, B, T, C, NH, scratch, 2);
+        ref_attention(want, want_att, dqkv_d, mask, B, T, C, NH);
+        check_close(label("out B=%d T=%d C=%d NH=%d", B, T, C, NH), out, want, (size_t)rows * C, FWD_ATOL, FWD_RTOL);
+        check_close(label("att B=%d T=%d C=%d NH=%d", B, T, C, NH), att, want_att, n_att, 1e-6, 1e-5);
+
+        codir_attention_forward(out_no_att, NULL, qkv, mask, B, T, C, NH, scratch, 2);
+        CHECK(count_different(out, out_no_att, (size_t)rows * C) == 0,
+              "T=%d: output without att differs on %zu elements", T, count_different(out, out_no_att, (size_t)rows * C));
+        codir_attention_forward(out1, att1, qkv, mask, B, T, C, NH, scratch, 1);
+        CHECK(count_different(out, out1, (size_t)rows * C) == 0, "T=%d: 1 and 2 threads differ on %zu outputs", T,
+              count_different(out, out1, (size_t)rows * C));
+
+        ref_attention_backward(want_d, widen(dy, (size_t)rows * C), dqkv_d, mask, B, T, C, NH);
+        codir_attention_backward(dqkv, dy, qkv, att, B, T, C, NH, scratch, 2);
+        check_close(label("dqkv B=%d T=%d C=%d NH=%d", B, T, C, NH), dqkv, want_d, n, FWD_ATOL, FWD_RTOL);
+        codir_attention_backward(dqkv1, dy, qkv, att, B, T, C, NH, scratch, 1);
+        CHECK(count_different(dqkv, dqkv1, n) == 0, "T=%d: 1 and 2 threads differ on %zu gradients", T,
+              count_different(dqkv, dqkv1, n));
+    }
     free_buffers();
 }
 
@@ -1024,14 +1157,6 @@ static void test_dropout_statistics(void)
         if (out[i] != x[i]) break;
     CHECK(i == n, "p=0 changed element %zu: %g -> %g", i, (double)x[i], (double)out[i]);
     free_buffers();
-}
-
-/* Returns the number of elements where a and b differ bitwise. */
-static size_t count_different(const float *a, const float *b, size_t n)
-{
-    size_t i, d = 0;
-    for (i = 0; i < n; i++) d += memcmp(&a[i], &b[i], sizeof(float)) != 0;
-    return d;
 }
 
 static void test_dropout_key(void)
@@ -2293,11 +2418,13 @@ const test_case tests_kernels[] = {
     {"kernel layernorm mean 1e4 backward", test_layernorm_large_mean_backward},
     {"kernel gelu forward", test_gelu_forward},
     {"kernel gelu backward", test_gelu_backward},
+    {"kernel gelu accuracy over [-12, 12]", test_gelu_accuracy},
     {"kernel tanh", test_tanh},
     {"kernel softmax", test_softmax},
     {"kernel attention forward", test_attention_forward},
     {"kernel attention backward", test_attention_backward},
     {"kernel attention fully masked row", test_attention_fully_masked},
+    {"kernel attention large shapes and threads", test_attention_large},
     {"kernel embedding forward", test_embedding_forward},
     {"kernel embedding backward", test_embedding_backward},
     {"kernel dropout statistics", test_dropout_statistics},
