@@ -186,6 +186,17 @@ CODIR_DEF int codir_arena_init(codir_arena *arena, size_t bytes);
 /* Returns `bytes` bytes aligned to 64, or NULL with an error set. */
 CODIR_DEF void *codir_arena_alloc(codir_arena *arena, size_t bytes);
 CODIR_DEF void codir_arena_reset(codir_arena *arena);
+/* A position in the arena. codir_arena_rewind(arena, codir_arena_mark(arena)) gives
+   back everything allocated after the mark, including extra blocks, so a pass whose
+   intermediate values are dead (a teacher forward without a tape) does not raise the
+   high-water mark of the step. Rewinding to a mark taken before the last reset is an
+   error the arena cannot detect. */
+typedef struct codir_arena_pos {
+    size_t used, extra_used, block_used;
+    void *extra;
+} codir_arena_pos;
+CODIR_DEF codir_arena_pos codir_arena_mark(const codir_arena *arena);
+CODIR_DEF void codir_arena_rewind(codir_arena *arena, codir_arena_pos mark);
 /* Returns the high-water mark in bytes since codir_arena_init. */
 CODIR_DEF size_t codir_arena_peak(const codir_arena *arena);
 CODIR_DEF void codir_arena_free(codir_arena *arena);
@@ -1788,8 +1799,9 @@ CODIR_DEF void *codir_arena_alloc(codir_arena *arena, size_t bytes)
 
 CODIR_DEF void codir_arena_reset(codir_arena *arena)
 {
-    if (arena->extra) {
-        /* The last step overflowed: replace all blocks by one of the high-water size. */
+    if (arena->extra || arena->peak > arena->size) {
+        /* A step overflowed (its extra blocks may be gone after a rewind): replace all
+           blocks by one of the high-water size. */
         codir__arena_block *blk = (codir__arena_block *)arena->extra;
         size_t want = arena->peak + arena->peak / 8;
         char *base;
@@ -1810,6 +1822,29 @@ CODIR_DEF void codir_arena_reset(codir_arena *arena)
     }
     arena->used = 0;
     arena->extra_used = 0;
+}
+
+CODIR_DEF codir_arena_pos codir_arena_mark(const codir_arena *arena)
+{
+    codir_arena_pos mark;
+    mark.used = arena->used;
+    mark.extra_used = arena->extra_used;
+    mark.extra = arena->extra;
+    mark.block_used = arena->extra ? ((const codir__arena_block *)arena->extra)->used : 0;
+    return mark;
+}
+
+CODIR_DEF void codir_arena_rewind(codir_arena *arena, codir_arena_pos mark)
+{
+    /* Extra blocks taken after the mark are newer, so they sit at the head of the list. */
+    while (arena->extra && arena->extra != mark.extra) {
+        codir__arena_block *blk = (codir__arena_block *)arena->extra;
+        arena->extra = blk->next;
+        codir__free(blk);
+    }
+    if (arena->extra) ((codir__arena_block *)arena->extra)->used = mark.block_used;
+    arena->used = mark.used;
+    arena->extra_used = mark.extra_used;
 }
 
 CODIR_DEF size_t codir_arena_peak(const codir_arena *arena) { return arena->peak; }
@@ -9968,10 +10003,29 @@ static int codir__distill_backward(codir_ctx *ctx, codir_model *student, const c
         t_logits = codir__cache_rows(ctx, cache->logits, cache->num_labels, batch, cache->count);
         if (weights[2] != 0.0f) t_features = codir__cache_rows(ctx, cache->features, cache->feature_dim, batch, cache->count);
     } else {
+        /* Only the logits and the pooled features outlive the teacher's pass: they go
+           first, and the arena is rewound over the rest. */
+        int shape[2];
+        codir_arena_pos mark;
+        shape[0] = batch->batch;
+        shape[1] = teacher->cfg.num_labels;
+        t_logits = codir_tensor_new(ctx, 2, shape, 0);
+        shape[1] = d->student_layers * d->teacher_hidden;
+        if (weights[2] != 0.0f) t_features = codir_tensor_new(ctx, 2, shape, 0);
+        if (!t_logits || (weights[2] != 0.0f && !t_features)) return ctx->status ? ctx->status : CODIR_ERR_NOMEM;
+        mark = codir_arena_mark(&ctx->arena);
         rc = codir_model_forward(ctx, teacher, batch, &t_out);
         if (rc) return rc;
-        t_logits = t_out.logits;
-        if (weights[2] != 0.0f) t_features = codir__teacher_features(ctx, d, &t_out, batch);
+        memcpy(t_logits->data, t_out.logits->data, t_logits->numel * sizeof(float));
+        if (weights[2] != 0.0f) {
+            codir_tensor *pooled = codir__teacher_features(ctx, d, &t_out, batch);
+            if (!pooled) return ctx->status ? ctx->status : CODIR_ERR_INVALID;
+            if (pooled->numel != t_features->numel)
+                return codir__fail(CODIR_ERR_INVALID, "teacher features have %zu values; the distiller expects %zu",
+                                   pooled->numel, t_features->numel);
+            memcpy(t_features->data, pooled->data, t_features->numel * sizeof(float));
+        }
+        codir_arena_rewind(&ctx->arena, mark);
     }
     if (!t_logits || (weights[2] != 0.0f && !t_features)) return ctx->status ? ctx->status : CODIR_ERR_INVALID;
 

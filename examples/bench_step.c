@@ -11,6 +11,8 @@
        ./bench_step --quick          sequence 64 only, 5 timed runs per case
        ./bench_step --threads 2      only on 2 threads
        ./bench_step --seq 128        sequence 128 only (with --quick: 5 timed runs per case)
+       ./bench_step --bench train --model L3-H384
+                                     one kind of step and one student only, for profiling
 
    tests/reference/bench_step_torch.py times the same models and steps in PyTorch and
    prints lines of the same format, so both can run side by side.
@@ -428,10 +430,12 @@ static void bench_one(int kind, const bench_model *student, const bench_data *da
 static void usage(const char *program)
 {
     fprintf(stderr,
-            "usage: %s [--quick] [--threads N] [--seq T]\n"
-            "  --quick      time sequence length 64 only, %d timed runs per case instead of %d\n"
-            "  --threads N  time on N OpenMP threads only, instead of 1 thread and then all threads\n"
-            "  --seq T      time sequence length T only (1 to %d), instead of 64 and 128\n",
+            "usage: %s [--quick] [--threads N] [--seq T] [--bench KIND] [--model NAME]\n"
+            "  --quick        time sequence length 64 only, %d timed runs per case instead of %d\n"
+            "  --threads N    time on N OpenMP threads only, instead of 1 thread and then all threads\n"
+            "  --seq T        time sequence length T only (1 to %d), instead of 64 and 128\n"
+            "  --bench KIND   time one kind of step only: train, distill, distill_cached or infer\n"
+            "  --model NAME   time one student only: L3-H384 or L3-H192\n",
             program, BENCH_QUICK_RUNS, BENCH_MIN_RUNS, BENCH_MAX_LEN);
 }
 
@@ -439,7 +443,8 @@ int main(int argc, char **argv)
 {
     int seqs[2] = {64, 128};
     int quick = 0, only_threads = 0, only_seq = 0, max_threads = 1, seq_count = 2, min_runs = BENCH_MIN_RUNS;
-    int thread_list[2], thread_count, rss_resettable, t, s, m, i;
+    int thread_list[2], thread_count, rss_resettable, t, s, m, i, k, only_kind = -1;
+    const char *only_model = NULL;
     char load[64];
 
     for (i = 1; i < argc; i++) {
@@ -462,6 +467,23 @@ int main(int argc, char **argv)
                 return 2;
             }
             only_seq = (int)n;
+        } else if (strcmp(argv[i], "--bench") == 0 && i + 1 < argc) {
+            i++;
+            for (k = 0; k < 4; k++)
+                if (strcmp(argv[i], bench_kind_names[k]) == 0) only_kind = k;
+            if (only_kind < 0) {
+                fprintf(stderr, "bench_step: unknown --bench '%s'; give train, distill, distill_cached or infer\n",
+                        argv[i]);
+                return 2;
+            }
+        } else if (strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
+            only_model = argv[++i];
+            for (k = 0; k < (int)(sizeof bench_students / sizeof bench_students[0]); k++)
+                if (strcmp(only_model, bench_students[k].name) == 0) break;
+            if (k == (int)(sizeof bench_students / sizeof bench_students[0])) {
+                fprintf(stderr, "bench_step: unknown --model '%s'; give L3-H384 or L3-H192\n", only_model);
+                return 2;
+            }
         } else {
             usage(argv[0]);
             return 2;
@@ -505,13 +527,14 @@ int main(int argc, char **argv)
             data_init(&data, seqs[s]);
             for (m = 0; m < (int)(sizeof bench_students / sizeof bench_students[0]); m++) {
                 const bench_model *student = &bench_students[m];
+                if (only_model && strcmp(only_model, student->name) != 0) continue;
                 load_average(load, sizeof load);
                 printf("# model=%s seq=%d threads=%d load_average=%s\n", student->name, seqs[s], thread_list[t], load);
-                bench_one(BENCH_TRAIN, student, &data, BENCH_BATCH, thread_list[t], min_runs, rss_resettable);
-                bench_one(BENCH_DISTILL, student, &data, BENCH_BATCH, thread_list[t], min_runs, rss_resettable);
-                bench_one(BENCH_DISTILL_CACHED, student, &data, BENCH_BATCH, thread_list[t], min_runs, rss_resettable);
-                bench_one(BENCH_INFER, student, &data, BENCH_BATCH, thread_list[t], min_runs, rss_resettable);
-                bench_one(BENCH_INFER, student, &data, 1, thread_list[t], min_runs, rss_resettable);
+                for (k = 0; k < 4; k++) {
+                    if (only_kind >= 0 && k != only_kind) continue;
+                    bench_one(k, student, &data, BENCH_BATCH, thread_list[t], min_runs, rss_resettable);
+                    if (k == BENCH_INFER) bench_one(k, student, &data, 1, thread_list[t], min_runs, rss_resettable);
+                }
             }
             data_free(&data);
         }

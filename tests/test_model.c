@@ -1298,6 +1298,48 @@ done:
     codir_arena_free(&arena);
 }
 
+/* Rewinding gives back the main-block bytes and the extra blocks taken after the mark,
+   and the data before the mark survives; the next reset sizes the block from a peak
+   that the rewound pass raised only while it ran. */
+static void test_arena_rewind(void)
+{
+    codir_arena arena;
+    codir_arena_pos mark;
+    unsigned char *before, *after;
+    int i, rc = codir_arena_init(&arena, 1024);
+    CHECK(rc == CODIR_OK, "codir_arena_init returned %d: %s", rc, codir_last_error());
+    if (rc) return;
+    before = (unsigned char *)codir_arena_alloc(&arena, 256);
+    CHECK(before != NULL, "first allocation failed: %s", codir_last_error());
+    if (!before) goto done;
+    memset(before, 0xAB, 256);
+
+    /* Main block only. */
+    mark = codir_arena_mark(&arena);
+    CHECK(codir_arena_alloc(&arena, 512) != NULL, "allocation after the mark failed");
+    codir_arena_rewind(&arena, mark);
+    CHECK(arena.used == 256, "after a rewind in the main block %zu bytes are used, want 256", arena.used);
+
+    /* Into extra blocks: ten requests of 500 bytes overflow the 1024-byte block. */
+    for (i = 0; i < 10; i++) CHECK(codir_arena_alloc(&arena, 500) != NULL, "extra allocation %d failed", i);
+    CHECK(arena.extra != NULL, "the requests did not take an extra block");
+    codir_arena_rewind(&arena, mark);
+    CHECK(arena.extra == NULL, "extra blocks remain after rewinding to a mark taken before them");
+    CHECK(arena.used == 256 && arena.extra_used == 0, "after the rewind used = %zu, extra_used = %zu, want 256 and 0",
+          arena.used, arena.extra_used);
+    for (i = 0; i < 256 && before[i] == 0xAB; i++) continue;
+    CHECK(i == 256, "data allocated before the mark was overwritten at byte %d", i);
+
+    /* The same bytes are handed out again, and the peak of the step counts them once. */
+    after = (unsigned char *)codir_arena_alloc(&arena, 512);
+    CHECK(after == before + 256, "the first allocation after the rewind is not where the mark was");
+    CHECK(codir_arena_peak(&arena) == 256 + 10 * 512, "peak %zu bytes, want %d", codir_arena_peak(&arena), 256 + 10 * 512);
+    codir_arena_reset(&arena);
+    CHECK(arena.size >= (size_t)(256 + 10 * 512), "after reset the block holds %zu bytes, below the peak", arena.size);
+done:
+    codir_arena_free(&arena);
+}
+
 static void test_params_contiguous(void)
 {
     codir_param_spec specs[3];
@@ -1532,6 +1574,7 @@ const test_case tests_model[] = {
     {"model task step rejects nan parameter", test_task_step_rejects_nan},
     {"model distill step rejects nan", test_distill_step_rejects_nan},
     {"model arena alignment, growth and peak", test_arena_growth_and_peak},
+    {"model arena rewind to a mark", test_arena_rewind},
     {"model params laid out contiguously", test_params_contiguous},
     {"model params shape overflow", test_params_overflow},
     {"model config check names field", test_config_check},

@@ -684,6 +684,106 @@ done:
     codir_model_free(teacher);
 }
 
+/* The teacher cache is exact: CoDIR steps that read the teacher's logits and pooled
+   features from the cache give bit-identical loss terms, student parameters, head
+   parameters and memory bank to steps that run the teacher, for both scoring modes and
+   both poolings, with dropout in the student. The run with the teacher also rewinds
+   the arena over the teacher's pass, so its peak stays below the cached run's peak
+   plus the peak of a teacher pass alone. */
+static void test_teacher_cache_exact(void)
+{
+    static const int examples[12] = {3, 0, 6, 1, 7, 2, 5, 4, 0, 2, 4, 6};
+    int setting;
+    for (setting = 0; setting < 2; setting++) {
+        codir_config scfg = train_config(2, 8, 3, 0, 0.1f), tcfg = train_config(4, 12, 3, 0, 0.1f);
+        codir_distill_config dcfg = codir_distill_config_default();
+        codir_model *teacher = create_model(&tcfg, 11), *student_a = create_model(&scfg, 12);
+        codir_model *student_b = create_model(&scfg, 12);
+        codir_distiller *d_a = NULL, *d_b = NULL;
+        codir_teacher_cache *cache = NULL;
+        codir_adamw opt_sa, opt_sb, opt_ha, opt_hb;
+        codir_ctx ctx_a, ctx_b, ctx_t;
+        codir_batch batch;
+        codir_output out;
+        toy_data toy;
+        size_t teacher_peak;
+        int step, rc, opts = 0;
+
+        toy_init(&toy, 3);
+        codir_batch_init(&batch, 4, TOY_LEN);
+        codir_ctx_init(&ctx_a, 1 << 12, 5);
+        codir_ctx_init(&ctx_b, 1 << 12, 5);
+        codir_ctx_init(&ctx_t, 1 << 12, 5);
+        dcfg.beta = 0.4f;
+        dcfg.lambda = 0.2f;
+        dcfg.proj_dim = 4;
+        dcfg.num_negatives = 3;
+        dcfg.mode = setting == 0 ? CODIR_CRD_INFONCE : CODIR_CRD_NCE;
+        dcfg.pooling = setting == 0 ? CODIR_POOL_MEAN : CODIR_POOL_FIRST;
+        if (teacher && student_a && student_b) {
+            d_a = codir_distiller_create(&dcfg, &scfg, &tcfg, toy.labels, TOY_COUNT, 13);
+            d_b = codir_distiller_create(&dcfg, &scfg, &tcfg, toy.labels, TOY_COUNT, 13);
+        }
+        CHECK(d_a && d_b, "codir_distiller_create failed: %s", codir_last_error());
+        if (!d_a || !d_b) goto done;
+        opts = codir_adamw_init(&opt_sa, &student_a->params, 0.9f, 0.98f, 1e-6f, 0.01f) == CODIR_OK &&
+               codir_adamw_init(&opt_sb, &student_b->params, 0.9f, 0.98f, 1e-6f, 0.01f) == CODIR_OK &&
+               codir_adamw_init(&opt_ha, &d_a->params, 0.9f, 0.98f, 1e-6f, 0.01f) == CODIR_OK &&
+               codir_adamw_init(&opt_hb, &d_b->params, 0.9f, 0.98f, 1e-6f, 0.01f) == CODIR_OK;
+        CHECK(opts, "codir_adamw_init failed: %s", codir_last_error());
+        if (!opts) goto done;
+        cache = codir_teacher_cache_build(&ctx_t, teacher, d_b, &toy.enc, 3, 0.0);
+        CHECK(cache != NULL, "codir_teacher_cache_build failed: %s", codir_last_error());
+        if (!cache) goto done;
+
+        for (step = 0; step < 3; step++) {
+            codir_loss_terms ta, tb;
+            if (!toy_batch(&batch, &toy, examples + 4 * step, 0, 4)) goto done;
+            rc = codir_distill_step(&ctx_a, student_a, teacher, d_a, &opt_sa, &opt_ha, &batch, 1e-2f, &ta);
+            CHECK(rc == CODIR_OK, "setting %d step %d with the teacher returned %d: %s", setting, step, rc,
+                  codir_last_error());
+            rc = codir_distill_step_cached(&ctx_b, student_b, cache, d_b, &opt_sb, &opt_hb, &batch, 1e-2f, &tb);
+            CHECK(rc == CODIR_OK, "setting %d step %d from the cache returned %d: %s", setting, step, rc,
+                  codir_last_error());
+            CHECK(ta.task == tb.task && ta.kd == tb.kd && ta.crd == tb.crd && ta.total == tb.total,
+                  "setting %d step %d: terms (%.9g, %.9g, %.9g) with the teacher, (%.9g, %.9g, %.9g) from the cache",
+                  setting, step, ta.task, ta.kd, ta.crd, tb.task, tb.kd, tb.crd);
+        }
+        CHECK(memcmp(student_a->params.data, student_b->params.data, student_a->params.count * sizeof(float)) == 0,
+              "setting %d: student parameters differ after three steps", setting);
+        CHECK(memcmp(d_a->params.data, d_b->params.data, d_a->params.count * sizeof(float)) == 0,
+              "setting %d: projection heads differ after three steps", setting);
+        CHECK(memcmp(d_a->bank, d_b->bank, (size_t)TOY_COUNT * dcfg.proj_dim * sizeof(float)) == 0,
+              "setting %d: memory banks differ after three steps", setting);
+
+        codir_ctx_begin(&ctx_t, 0, 0, 0);
+        rc = codir_model_forward(&ctx_t, teacher, &batch, &out);
+        CHECK(rc == CODIR_OK, "teacher forward returned %d: %s", rc, codir_last_error());
+        teacher_peak = codir_arena_peak(&ctx_t.arena);
+        CHECK(codir_arena_peak(&ctx_a.arena) < codir_arena_peak(&ctx_b.arena) + teacher_peak / 2,
+              "setting %d: arena peak %zu with the teacher, %zu from the cache and %zu for a teacher pass; the "
+              "teacher's pass was not rewound",
+              setting, codir_arena_peak(&ctx_a.arena), codir_arena_peak(&ctx_b.arena), teacher_peak);
+    done:
+        if (opts) {
+            codir_adamw_free(&opt_sa);
+            codir_adamw_free(&opt_sb);
+            codir_adamw_free(&opt_ha);
+            codir_adamw_free(&opt_hb);
+        }
+        codir_teacher_cache_free(cache);
+        codir_ctx_free(&ctx_a);
+        codir_ctx_free(&ctx_b);
+        codir_ctx_free(&ctx_t);
+        codir_batch_free(&batch);
+        codir_distiller_free(d_a);
+        codir_distiller_free(d_b);
+        codir_model_free(teacher);
+        codir_model_free(student_a);
+        codir_model_free(student_b);
+    }
+}
+
 /* ---- 3. masked-LM head ---- */
 
 /* Rows b * T + t of the batch {0, 1, 3} (T = 6): example 0 at 1 and 4 (twice),
@@ -1629,6 +1729,7 @@ const test_case tests_train[] = {
     {"train accumulate task regression", test_accumulate_task_regression},
     {"train accumulate distill classification", test_accumulate_distill_classification},
     {"train accumulate distill regression", test_accumulate_distill_regression},
+    {"train teacher cache matches the teacher bit for bit", test_teacher_cache_exact},
     {"train predict matches forward", test_predict_matches_forward},
     {"train evaluate regression", test_evaluate_regression},
     {"train evaluate two classes", test_evaluate_two_classes},
