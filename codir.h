@@ -2516,7 +2516,7 @@ CODIR_DEF void codir_embedding_backward(float *dtok, float *dpos, float *dtype, 
 
 /* Counter-based random bits: a SplitMix64 finalizer of (key, i). Nothing is carried
    between elements, so any thread can compute any element's mask bit. */
-static uint64_t codir__hash64(uint64_t key, uint64_t i)
+CODIR__INLINE uint64_t codir__hash64(uint64_t key, uint64_t i)
 {
     uint64_t z = key + (i + 1) * 0x9E3779B97F4A7C15ull;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -2524,28 +2524,62 @@ static uint64_t codir__hash64(uint64_t key, uint64_t i)
     return z ^ (z >> 31);
 }
 
-/* 1 if element i is kept: its 24 random bits, as a fraction of 2^24, are >= p. */
-static int codir__dropout_keep(uint64_t key, size_t i, float p)
+/* Element i is kept when its 24 random bits, as a fraction of 2^24, are >= p, that is
+   when the bits are >= ceil(p * 2^24), the threshold below (p * 2^24 is exact in
+   double). */
+static uint64_t codir__dropout_threshold(float p) { return (uint64_t)ceil((double)p * 16777216.0); }
+
+/* The two loops below run on blocks of CODIR__VEC_BLOCK elements starting at `first`,
+   vectorized like the GELU loops (the hash needs 64-bit lanes). */
+CODIR__INLINE void codir__dropout_forward_loop(float *out, const float *inp, size_t first, size_t n, float scale,
+                                               uint64_t threshold, uint64_t key)
 {
-    uint32_t bits = (uint32_t)(codir__hash64(key, (uint64_t)i) >> 40);
-    return (double)bits >= (double)p * 16777216.0;
+    size_t i;
+    CODIR__OMP_SIMD
+    for (i = 0; i < n; i++) out[i] = (codir__hash64(key, first + i) >> 40) >= threshold ? inp[i] * scale : 0.0f;
 }
+
+CODIR__INLINE void codir__dropout_backward_loop(float *dinp, const float *dout, size_t first, size_t n, float scale,
+                                                uint64_t threshold, uint64_t key)
+{
+    size_t i;
+    CODIR__OMP_SIMD
+    for (i = 0; i < n; i++) dinp[i] += (codir__hash64(key, first + i) >> 40) >= threshold ? dout[i] * scale : 0.0f;
+}
+
+CODIR__VEC_VERSIONS(codir__dropout_forward,
+                    (float *out, const float *inp, size_t first, size_t n, float scale, uint64_t threshold,
+                     uint64_t key),
+                    (out, inp, first, n, scale, threshold, key))
+CODIR__VEC_VERSIONS(codir__dropout_backward,
+                    (float *dinp, const float *dout, size_t first, size_t n, float scale, uint64_t threshold,
+                     uint64_t key),
+                    (dinp, dout, first, n, scale, threshold, key))
 
 CODIR_DEF void codir_dropout_forward(float *out, const float *inp, size_t n, float p, uint64_t key)
 {
     float scale = 1.0f / (1.0f - p);
-    size_t i;
+    uint64_t threshold = codir__dropout_threshold(p);
+    long block, blocks = (long)((n + CODIR__VEC_BLOCK - 1) / CODIR__VEC_BLOCK);
     CODIR__OMP_FOR(4 * n)
-    for (i = 0; i < n; i++) out[i] = codir__dropout_keep(key, i, p) ? inp[i] * scale : 0.0f;
+    for (block = 0; block < blocks; block++) {
+        size_t lo = (size_t)block * CODIR__VEC_BLOCK;
+        codir__dropout_forward(out + lo, inp + lo, lo, n - lo < CODIR__VEC_BLOCK ? n - lo : CODIR__VEC_BLOCK, scale,
+                               threshold, key);
+    }
 }
 
 CODIR_DEF void codir_dropout_backward(float *dinp, const float *dout, size_t n, float p, uint64_t key)
 {
     float scale = 1.0f / (1.0f - p);
-    size_t i;
+    uint64_t threshold = codir__dropout_threshold(p);
+    long block, blocks = (long)((n + CODIR__VEC_BLOCK - 1) / CODIR__VEC_BLOCK);
     CODIR__OMP_FOR(4 * n)
-    for (i = 0; i < n; i++)
-        if (codir__dropout_keep(key, i, p)) dinp[i] += dout[i] * scale;
+    for (block = 0; block < blocks; block++) {
+        size_t lo = (size_t)block * CODIR__VEC_BLOCK;
+        codir__dropout_backward(dinp + lo, dout + lo, lo, n - lo < CODIR__VEC_BLOCK ? n - lo : CODIR__VEC_BLOCK, scale,
+                                threshold, key);
+    }
 }
 
 /* ---- pooling and concatenation ---- */
