@@ -1298,9 +1298,9 @@ done:
     codir_arena_free(&arena);
 }
 
-/* Rewinding gives back the main-block bytes and the extra blocks taken after the mark,
-   and the data before the mark survives; the next reset sizes the block from a peak
-   that the rewound pass raised only while it ran. */
+/* Rewinding gives back the main-block bytes and the extra blocks taken after the mark.
+   The data before the mark survives. The next reset sizes the block from the peak,
+   which the rewound pass raised only while it ran. */
 static void test_arena_rewind(void)
 {
     codir_arena arena;
@@ -1325,8 +1325,8 @@ static void test_arena_rewind(void)
     CHECK(arena.extra != NULL, "the requests did not take an extra block");
     codir_arena_rewind(&arena, mark);
     CHECK(arena.extra == NULL, "extra blocks remain after rewinding to a mark taken before them");
-    CHECK(arena.used == 256 && arena.extra_used == 0, "after the rewind used = %zu, extra_used = %zu, want 256 and 0",
-          arena.used, arena.extra_used);
+    CHECK(arena.used == 256, "after the rewind %zu bytes are used, want 256", arena.used);
+    CHECK(arena.extra_used == 0, "after the rewind %zu extra bytes are used, want 0", arena.extra_used);
     for (i = 0; i < 256 && before[i] == 0xAB; i++) continue;
     CHECK(i == 256, "data allocated before the mark was overwritten at byte %d", i);
 
