@@ -117,6 +117,19 @@ check "train on sentence pairs, save, reload" sh -c "$build/train --data tests/f
 check "train on a regression task" sh -c "$build/train --data tests/fixtures/tasks/overlap-sts --epochs 1 --layers 1 \
     --hidden 32 --heads 2 --ffn 64 --vocab-size 800 --out $build/sts_model >$build/train3.txt && grep -q 'pearson=' $build/train3.txt"
 
+# The model folder's files must reach the disk before they replace the old ones:
+# strace shows an fsync of the temporary file between its creation and its rename.
+if command -v strace >/dev/null 2>&1; then
+    mkdir -p "$build/sync_model"
+    check "saved files are fsynced before the rename" sh -c "strace -f -o $build/strace.txt -e trace=openat,fsync,rename \
+        $build/train --data tests/fixtures/tasks/overlap-sts --epochs 1 --layers 1 --hidden 32 --heads 2 --ffn 64 \
+        --vocab-size 800 --out $build/sync_model >/dev/null &&
+        awk '/openat.*model[.]safetensors[.]tmp/ { opened = 1 } opened && /fsync[(]/ { synced = 1 }
+             /rename[(].*model[.]safetensors[.]tmp/ { ok = opened && synced } END { exit !ok }' $build/strace.txt"
+else
+    echo "skip saved files are fsynced before the rename: strace is not installed"
+fi
+
 echo "== bad input to the examples"
 if $CC -std=c11 -O1 -g -fopenmp -fsanitize=address,undefined examples/distill.c -o "$build/distill_asan" -lm 2>"$build/cc.txt" &&
     $CC -std=c11 -O1 -g -fopenmp -fsanitize=address,undefined examples/train.c -o "$build/train_asan" -lm 2>>"$build/cc.txt"; then
