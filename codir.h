@@ -3515,6 +3515,58 @@ static void codir__gemm_pack_a(int trans_a, const float *a, int lda, int i0, int
     }
 }
 
+#ifdef CODIR__SIMD_AVX512
+/* Packs one full 64-column panel of op(B) = B^T for the AVX-512 kernel: row j of B
+   (at b + j*ldb, kc values) becomes column j of the kc x 64 panel. Blocks of 16 x 16
+   are transposed in registers, so each store writes one whole 64-byte row of the
+   panel; the scalar loop below writes one float per 256-byte stride, and for a
+   product with few rows of A it took longer than the multiplication itself. */
+CODIR__SIMD_TARGET_AVX512
+static void codir__gemm_pack_bt_panel_avx512(const float *b, size_t ldb, int kc, float *dst)
+{
+    int p0, jb, i;
+    for (p0 = 0; p0 < kc; p0 += 16) {
+        int rows = kc - p0 < 16 ? kc - p0 : 16;
+        __mmask16 valid = (__mmask16)((1u << rows) - 1u);
+        for (jb = 0; jb < 64; jb += 16) {
+            __m512 r[16], t[16], u[16];
+            for (i = 0; i < 16; i++) r[i] = _mm512_maskz_loadu_ps(valid, b + (size_t)(jb + i) * ldb + (size_t)p0);
+
+            /* In each 128-bit lane k: t[2i], t[2i+1] interleave rows 2i and 2i+1; then
+               u[4q + m] holds element 4k + m of rows 4q .. 4q+3. */
+            for (i = 0; i < 16; i += 2) {
+                t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+                t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+            }
+            for (i = 0; i < 16; i += 4) {
+                __m512d a = _mm512_castps_pd(t[i]), c = _mm512_castps_pd(t[i + 2]);
+                __m512d a2 = _mm512_castps_pd(t[i + 1]), c2 = _mm512_castps_pd(t[i + 3]);
+                u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+                u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+                u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a2, c2));
+                u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a2, c2));
+            }
+
+            /* Gather lane k of u[m], u[4+m], u[8+m], u[12+m]: column 4k + m of the
+               block, that is row p0 + 4k + m of the panel. */
+            for (i = 0; i < 4; i++) {
+                __m512 lo01 = _mm512_shuffle_f32x4(u[i], u[4 + i], 0x44), hi01 = _mm512_shuffle_f32x4(u[i], u[4 + i], 0xEE);
+                __m512 lo23 = _mm512_shuffle_f32x4(u[8 + i], u[12 + i], 0x44);
+                __m512 hi23 = _mm512_shuffle_f32x4(u[8 + i], u[12 + i], 0xEE);
+                __m512 col[4];
+                int k;
+                col[0] = _mm512_shuffle_f32x4(lo01, lo23, 0x88);
+                col[1] = _mm512_shuffle_f32x4(lo01, lo23, 0xDD);
+                col[2] = _mm512_shuffle_f32x4(hi01, hi23, 0x88);
+                col[3] = _mm512_shuffle_f32x4(hi01, hi23, 0xDD);
+                for (k = 0; k < 4; k++)
+                    if (4 * k + i < rows) _mm512_storeu_ps(dst + (size_t)(p0 + 4 * k + i) * 64 + (size_t)jb, col[k]);
+            }
+        }
+    }
+}
+#endif
+
 /* Packs NR-panels [panel_lo, panel_hi) of op(B)[p0 : p0+kc, j0 : j0+nc] into B~ (layout
    above): each panel is kc x nr, columns past nc zero. */
 static void codir__gemm_pack_b(int trans_b, const float *b, int ldb, int p0, int kc, int j0, int nc, int nr,
@@ -3526,6 +3578,13 @@ static void codir__gemm_pack_b(int trans_b, const float *b, int ldb, int p0, int
         int cols = nc - jr < nr ? nc - jr : nr;
         float *dst = packed + (size_t)jr * (size_t)kc;
 
+#ifdef CODIR__SIMD_AVX512
+        /* Only the AVX-512 kernel has 64-column panels. */
+        if (trans_b && nr == CODIR__GEMM_AVX512_NR && cols == nr) {
+            codir__gemm_pack_bt_panel_avx512(b + (size_t)(j0 + jr) * (size_t)ldb + (size_t)p0, (size_t)ldb, kc, dst);
+            continue;
+        }
+#endif
         if (trans_b) {
             /* B is n x k: column j of op(B) is row j of B, so read rows and scatter them
                into the panel, in blocks of 16 values of k to keep the writes in L1. */
