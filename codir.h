@@ -254,14 +254,16 @@ CODIR_DEF void codir_softmax_backward(float *dinp, const float *out, const float
    all-zero probability row and output instead of NaN. att[B,NH,T,T] receives the
    probabilities, which the backward pass reads; it may be NULL when no backward pass
    follows. out[B,T,C].
+   The backward pass takes the same mask. Keys and values of padded tokens never reach
+   the other tokens' results, even when they hold NaN or Inf.
    The (sequence, head) pairs run in parallel on up to `threads` OpenMP threads, each
    with its own part of `scratch`, which holds threads * codir_attention_scratch(T, C,
    NH) floats. The result does not depend on the thread count. */
 CODIR_DEF size_t codir_attention_scratch(int T, int C, int NH);
 CODIR_DEF void codir_attention_forward(float *out, float *att, const float *qkv, const int *mask, int B, int T,
                                        int C, int NH, float *scratch, int threads);
-CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att, int B,
-                                        int T, int C, int NH, float *scratch, int threads);
+CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
+                                        const int *mask, int B, int T, int C, int NH, float *scratch, int threads);
 
 /* out[B,T,C] = tok[ids] + pos[t] + type[types]; types may be NULL (all type 0).
    The caller checks ids < vocabulary size and t < maximum length. */
@@ -1947,7 +1949,7 @@ CODIR_DEF int codir_linear_forward(struct codir_gemm_ws *ws, float *out, const f
 CODIR_DEF int codir_linear_backward(struct codir_gemm_ws *ws, float *dinp, float *dw, float *db,
                                     const float *dout, const float *inp, const float *w, int N, int C, int OC)
 {
-    int rc = CODIR_OK, i, o;
+    int rc = CODIR_OK;
 
     /* dinp[N,C] += dout[N,OC] w[OC,C] */
     if (dinp) rc = codir_gemm(ws, 0, 0, N, C, OC, 1.0f, dout, OC, w, C, 1.0f, dinp, C);
@@ -1960,7 +1962,7 @@ CODIR_DEF int codir_linear_backward(struct codir_gemm_ws *ws, float *dinp, float
         int block, blocks = (OC + CODIR__COL_BLOCK - 1) / CODIR__COL_BLOCK;
         CODIR__OMP_FOR((double)N * OC)
         for (block = 0; block < blocks; block++) {
-            int lo = block * CODIR__COL_BLOCK, width = OC - lo < CODIR__COL_BLOCK ? OC - lo : CODIR__COL_BLOCK;
+            int lo = block * CODIR__COL_BLOCK, width = OC - lo < CODIR__COL_BLOCK ? OC - lo : CODIR__COL_BLOCK, i, o;
             float sum[CODIR__COL_BLOCK];
             for (o = 0; o < width; o++) sum[o] = 0.0f;
             for (i = 0; i < N; i++) {
@@ -2028,7 +2030,7 @@ CODIR_DEF void codir_layernorm_backward(float *dinp, float *dgamma, float *dbeta
                                         const float *inp, const float *gamma, const double *mean,
                                         const float *rstd, int N, int C)
 {
-    int i, c;
+    int i;
 
     /* dinp = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dout * gamma */
     if (dinp) {
@@ -2062,13 +2064,13 @@ CODIR_DEF void codir_layernorm_backward(float *dinp, float *dgamma, float *dbeta
         int block, blocks = (C + CODIR__COL_BLOCK - 1) / CODIR__COL_BLOCK;
         CODIR__OMP_FOR((double)N * C)
         for (block = 0; block < blocks; block++) {
-            int lo = block * CODIR__COL_BLOCK, width = C - lo < CODIR__COL_BLOCK ? C - lo : CODIR__COL_BLOCK;
+            int lo = block * CODIR__COL_BLOCK, width = C - lo < CODIR__COL_BLOCK ? C - lo : CODIR__COL_BLOCK, row, c;
             float sg[CODIR__COL_BLOCK], sb[CODIR__COL_BLOCK];
             for (c = 0; c < width; c++) sg[c] = sb[c] = 0.0f;
-            for (i = 0; i < N; i++) {
-                const float *dy = dout + (size_t)i * C + lo, *x = inp + (size_t)i * C + lo;
-                double m = mean[i];
-                float r = rstd[i];
+            for (row = 0; row < N; row++) {
+                const float *dy = dout + (size_t)row * C + lo, *x = inp + (size_t)row * C + lo;
+                double m = mean[row];
+                float r = rstd[row];
                 CODIR__OMP_SIMD
                 for (c = 0; c < width; c++) {
                     sg[c] += dy[c] * (float)((x[c] - m) * r);
@@ -2093,7 +2095,7 @@ CODIR_DEF void codir_layernorm_backward(float *dinp, float *dgamma, float *dbeta
 
    exp(x): x = n ln2 + r with |r| <= ln2/2 (Cody and Waite's ln2 in two parts), e^r
    = 1 + r + r^2 P(r) with Cephes expf's degree-5 P, and 2^n written into the exponent
-   bits. The error measured against double exp on [-87.3, 1] is below 1 ulp. Below
+   bits. The error measured against double exp on [-87.3, 1] is at most 1.01 ulp. Below
    -87.3 the result is 0, and x is clamped to 88.37 above, which no caller reaches:
    they pass x <= 0, or at most about 1e-7 above.
 
@@ -2117,13 +2119,14 @@ CODIR_DEF void codir_layernorm_backward(float *dinp, float *dgamma, float *dbeta
 
 CODIR__INLINE float codir__vexp(float x)
 {
-    const float shift = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    float y = x < -87.33654f ? -87.33654f : (x > 88.37626f ? 88.37626f : x);
-    float t = y * 1.44269504088896341f + shift, n = t - shift, r, p, scale;
+    /* The comparisons send NaN to the lower bound, so the conversion to int below is
+       always defined; the NaN comes back at the end. rintf keeps the rounding under
+       -ffast-math, where an add-and-subtract trick would be folded away. */
+    float y = x > -87.33654f ? x : -87.33654f, n, r, p, scale;
     uint32_t bits;
-    memcpy(&bits, &t, sizeof bits);
-    /* t = 1.5 * 2^23 + n, so its low mantissa bits hold n in two's complement. */
-    bits = (bits - 0x4B400000u + 127u) << 23;
+    y = y < 88.37626f ? y : 88.37626f;
+    n = rintf(y * 1.44269504088896341f);
+    bits = (uint32_t)((int32_t)n + 127) << 23;
     memcpy(&scale, &bits, sizeof scale);
     r = y - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
@@ -2134,7 +2137,7 @@ CODIR__INLINE float codir__vexp(float x)
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = (p * r * r + r + 1.0f) * scale;
-    return x < -87.33654f ? 0.0f : p;
+    return x < -87.33654f ? 0.0f : (x == x ? p : x);
 }
 
 CODIR__INLINE float codir__vnormal_cdf(float x)
@@ -2307,12 +2310,44 @@ static size_t codir__gemm_serial_floats(int m, int n, int k);
 static void codir__gemm_serial(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
                                const float *b, int ldb, float beta, float *c, int ldc, float *pack);
 
-CODIR_DEF size_t codir_attention_scratch(int T, int C, int NH)
+/* Floats of GEMM packing buffer that one thread's products need. */
+static size_t codir__attention_pack_floats(int T, int HS)
 {
-    int HS = C / NH;
     size_t scores = codir__gemm_serial_floats(T, T, HS);
     size_t mixes = codir__gemm_serial_floats(T, HS, T);
-    return (scores > mixes ? scores : mixes) + (size_t)T * T;
+    return scores > mixes ? scores : mixes;
+}
+
+/* Per thread: the packing buffer, one T x T block of scores, and the keys and values
+   of one head (T x HS each) with the rows of padded tokens zeroed. */
+CODIR_DEF size_t codir_attention_scratch(int T, int C, int NH)
+{
+    int HS = NH > 0 ? C / NH : 0;
+    if (T <= 0 || HS <= 0) return 0;
+    return codir__attention_pack_floats(T, HS) + (size_t)T * T + 2 * (size_t)T * HS;
+}
+
+/* Returns one head's keys or values (T rows of HS at x, row stride 3C) for the GEMMs:
+   x itself when no token is padded, else a copy in buf whose padded rows are zero, so
+   a NaN or Inf in a padded token cannot reach the others through 0 * NaN. *ld
+   receives the row stride of the result. */
+static const float *codir__attention_kept_rows(const float *x, int C, const int *keep, int T, int HS, float *buf,
+                                               int *ld)
+{
+    int j;
+    for (j = 0; j < T && keep[j]; j++) continue;
+    if (j == T) {
+        *ld = 3 * C;
+        return x;
+    }
+    for (j = 0; j < T; j++) {
+        if (keep[j])
+            memcpy(buf + (size_t)j * HS, x + (size_t)j * 3 * C, (size_t)HS * sizeof(float));
+        else
+            memset(buf + (size_t)j * HS, 0, (size_t)HS * sizeof(float));
+    }
+    *ld = HS;
+    return buf;
 }
 
 /* Threads for the attention kernels: the caller's limit, capped by OpenMP's and by the
@@ -2356,36 +2391,45 @@ static void codir__attention_softmax(float *s, const int *keep, int T)
 CODIR_DEF void codir_attention_forward(float *out, float *att, const float *qkv, const int *mask, int B, int T,
                                        int C, int NH, float *scratch, int threads)
 {
-    int HS = C / NH, bh;
-    float scale = 1.0f / sqrtf((float)HS);
-    size_t per_thread = codir_attention_scratch(T, C, NH);
+    int HS = NH > 0 ? C / NH : 0, bh;
+    float scale;
+    size_t per_thread = codir_attention_scratch(T, C, NH), pack;
+    if (B <= 0 || per_thread == 0) return;
+    scale = 1.0f / sqrtf((float)HS);
+    pack = codir__attention_pack_floats(T, HS);
     threads = codir__attention_threads(threads, B * NH);
     (void)threads;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
 #endif
     for (bh = 0; bh < B * NH; bh++) {
-        int b = bh / NH, h = bh % NH;
+        int b = bh / NH, h = bh % NH, ldv;
 #ifdef _OPENMP
         float *mine = scratch + (size_t)omp_get_thread_num() * per_thread;
 #else
         float *mine = scratch;
 #endif
+        float *scores = mine + pack, *vbuf = scores + (size_t)T * T + (size_t)T * HS;
+        const int *keep = mask + (size_t)b * T;
         const float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
-        float *p = att ? att + ((size_t)b * NH + h) * T * T : mine + (per_thread - (size_t)T * T);
+        const float *v = codir__attention_kept_rows(q + 2 * C, C, keep, T, HS, vbuf, &ldv);
+        float *p = att ? att + ((size_t)b * NH + h) * T * T : scores;
+        /* Scores of padded keys are computed but never read: the softmax skips them. */
         codir__gemm_serial(0, 1, T, T, HS, scale, q, 3 * C, q + C, 3 * C, 0.0f, p, T, mine);
-        codir__attention_softmax(p, mask + (size_t)b * T, T);
-        codir__gemm_serial(0, 0, T, HS, T, 1.0f, p, T, q + 2 * C, 3 * C, 0.0f, out + (size_t)b * T * C + (size_t)h * HS, C,
-                           mine);
+        codir__attention_softmax(p, keep, T);
+        codir__gemm_serial(0, 0, T, HS, T, 1.0f, p, T, v, ldv, 0.0f, out + (size_t)b * T * C + (size_t)h * HS, C, mine);
     }
 }
 
-CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att, int B,
-                                        int T, int C, int NH, float *scratch, int threads)
+CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
+                                        const int *mask, int B, int T, int C, int NH, float *scratch, int threads)
 {
-    int HS = C / NH, bh;
-    float scale = 1.0f / sqrtf((float)HS);
-    size_t per_thread = codir_attention_scratch(T, C, NH);
+    int HS = NH > 0 ? C / NH : 0, bh;
+    float scale;
+    size_t per_thread = codir_attention_scratch(T, C, NH), pack;
+    if (B <= 0 || per_thread == 0) return;
+    scale = 1.0f / sqrtf((float)HS);
+    pack = codir__attention_pack_floats(T, HS);
     threads = codir__attention_threads(threads, B * NH);
     (void)threads;
     /* Each (sequence, head) pair owns its slice of dqkv, so the pairs run in parallel. */
@@ -2393,19 +2437,22 @@ CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const fl
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
 #endif
     for (bh = 0; bh < B * NH; bh++) {
-        int b = bh / NH, h = bh % NH, t, j;
+        int b = bh / NH, h = bh % NH, t, j, ldk, ldv;
 #ifdef _OPENMP
         float *mine = scratch + (size_t)omp_get_thread_num() * per_thread;
 #else
         float *mine = scratch;
 #endif
-        float *ds = mine + (per_thread - (size_t)T * T);
+        float *ds = mine + pack, *kbuf = ds + (size_t)T * T, *vbuf = kbuf + (size_t)T * HS;
+        const int *keep = mask + (size_t)b * T;
         const float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
+        const float *k = codir__attention_kept_rows(q + C, C, keep, T, HS, kbuf, &ldk);
+        const float *v = codir__attention_kept_rows(q + 2 * C, C, keep, T, HS, vbuf, &ldv);
         const float *p = att + ((size_t)b * NH + h) * T * T;
         const float *dy = dout + (size_t)b * T * C + (size_t)h * HS;
         float *dq = dqkv + (size_t)b * T * 3 * C + (size_t)h * HS;
 
-        codir__gemm_serial(0, 1, T, T, HS, 1.0f, dy, C, q + 2 * C, 3 * C, 0.0f, ds, T, mine);
+        codir__gemm_serial(0, 1, T, T, HS, 1.0f, dy, C, v, ldv, 0.0f, ds, T, mine);
         codir__gemm_serial(1, 0, T, HS, T, 1.0f, p, T, dy, C, 1.0f, dq + 2 * C, 3 * C, mine);
         for (t = 0; t < T; t++) {
             const float *pt = p + (size_t)t * T;
@@ -2414,7 +2461,7 @@ CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const fl
             for (j = 0; j < T; j++) dot += (double)pt[j] * dst[j];
             for (j = 0; j < T; j++) dst[j] = pt[j] * (dst[j] - (float)dot) * scale;
         }
-        codir__gemm_serial(0, 0, T, HS, T, 1.0f, ds, T, q + C, 3 * C, 1.0f, dq, 3 * C, mine);
+        codir__gemm_serial(0, 0, T, HS, T, 1.0f, ds, T, k, ldk, 1.0f, dq, 3 * C, mine);
         codir__gemm_serial(1, 0, T, HS, T, 1.0f, ds, T, q, 3 * C, 1.0f, dq + C, 3 * C, mine);
     }
 }
@@ -4278,6 +4325,7 @@ CODIR_DEF codir_tensor *codir_attention(codir_ctx *ctx, codir_tensor *qkv, const
     if (rg) {
         if (!(node = codir__record(ctx, CODIR__OP_ATTENTION, out, qkv, NULL, NULL))) return NULL;
         node->saved[0] = att;
+        node->ints[0] = mask->data;
         node->dims[0] = num_heads;
     }
     return out;
@@ -4717,7 +4765,7 @@ static int codir__node_backward(codir_ctx *ctx, const codir_node *n)
         if (!dx) break;
         if (!(scratch = codir__attention_scratch_alloc(ctx, T, C, NH, threads)))
             return ctx->status ? ctx->status : CODIR_ERR_NOMEM;
-        codir_attention_backward(dx, out->grad, x->data, n->saved[0], B, T, C, NH, scratch, threads);
+        codir_attention_backward(dx, out->grad, x->data, n->saved[0], n->ints[0], B, T, C, NH, scratch, threads);
         break;
     }
     case CODIR__OP_EMBEDDING: {
@@ -5180,13 +5228,17 @@ static int codir__io_create_tmp(const char *path, FILE **file, char **tmp_path)
    the old file or the whole new one (POSIX only; see CODIR_NO_FSYNC). */
 static int codir__io_commit(FILE *file, char *tmp_path, const char *path, int failed)
 {
-    int rc = CODIR_OK;
+    int rc = CODIR_OK, sync_error = 0;
     if (fflush(file) != 0 || ferror(file)) failed = 1;
 #ifdef CODIR__HAVE_FSYNC
-    if (!failed && fsync((fileno)(file)) != 0) failed = 1;
+    if (!failed && fsync((fileno)(file)) != 0) sync_error = errno;
 #endif
     if (fclose(file) != 0) failed = 1;
-    if (failed) {
+    if (sync_error && !failed) {
+        rc = codir__fail(CODIR_ERR_IO, "failed to sync '%s' to disk: %s; '%s' was left unchanged", tmp_path,
+                         strerror(sync_error), path);
+        remove(tmp_path);
+    } else if (failed || sync_error) {
         rc = codir__fail(CODIR_ERR_IO, "failed to write '%s'; check the free disk space", tmp_path);
         remove(tmp_path);
     } else if (rename(tmp_path, path) != 0) {

@@ -76,6 +76,27 @@ printf 'int main(void) { return 0; }\n' >"$build/fast.c"
 check "-ffast-math is rejected" sh -c "! $CC -ffast-math -include codir.h -c $build/fast.c -o $build/fast.o 2>$build/fast.err &&
     grep -q 'CODIR_ALLOW_FAST_MATH' $build/fast.err"
 
+# Runs the unit tests whose names contain each of the given strings, in the binary $1;
+# fails unless every string matched at least one test and none failed.
+run_filtered() {
+    local binary=$1 filter line
+    shift
+    for filter in "$@"; do
+        line=$(OMP_NUM_THREADS=2 "$binary" "$filter" 2>&1 | tail -n 1)
+        case $line in
+            "0 passed"*) echo "no test matches '$filter'"; return 1 ;;
+            *" 0 failed") ;;
+            *) echo "'$filter': $line"; return 1 ;;
+        esac
+    done
+}
+# With -ffast-math the NaN and Inf checks are off, but the vector math must stay
+# accurate: the compiler may reassociate, so rounding tricks would be folded away.
+check "-ffast-math build with CODIR_ALLOW_FAST_MATH" sh -c "$CC -std=c11 -O2 -fopenmp -ffast-math \
+    -DCODIR_ALLOW_FAST_MATH $srcs -o $build/tests_fast -lm"
+check "-ffast-math GELU and attention tests pass" run_filtered "$build/tests_fast" "kernel gelu forward" \
+    "kernel gelu backward" "kernel attention forward" "kernel attention backward" "kernel attention large"
+
 echo "== unit tests (-O2 -fopenmp)"
 if $CC -std=c11 -O2 -fopenmp $srcs -o "$build/tests" -lm 2>"$build/cc.txt"; then
     run_suite "unit tests" env OMP_NUM_THREADS=2 "$build/tests"
@@ -128,6 +149,16 @@ if command -v strace >/dev/null 2>&1; then
              /rename[(].*model[.]safetensors[.]tmp/ { ok = opened && synced } END { exit !ok }' $build/strace.txt"
 else
     echo "skip saved files are fsynced before the rename: strace is not installed"
+fi
+# A failed fsync must report the error and keep the previous model folder intact.
+if [ "$(uname -s)" = Linux ]; then
+    cp -r "$build/sts_model" "$build/sync_before"
+    cp -r "$build/sts_model" "$build/sync_target"
+    check "a failed fsync keeps the old model folder" sh -c "$CC -std=c11 -shared -fPIC tests/fsync_fail.c \
+        -o $build/fsync_fail.so && ! LD_PRELOAD=$build/fsync_fail.so $build/train --data tests/fixtures/tasks/overlap-sts \
+        --epochs 1 --layers 1 --hidden 32 --heads 2 --ffn 64 --vocab-size 800 --seed 9 --out $build/sync_target \
+        >/dev/null 2>$build/sync_err.txt && grep -q 'failed to sync' $build/sync_err.txt &&
+        diff -r $build/sync_before $build/sync_target"
 fi
 
 echo "== bad input to the examples"

@@ -921,7 +921,7 @@ static void test_attention_backward(void)
         attention_case c;
         c.mask = attention_mask(B, T);
         codir_attention_forward(out, att, qkv, c.mask, B, T, C, NH, attention_scratch(T, C, NH, 2), 2);
-        codir_attention_backward(dqkv, dy, qkv, att, B, T, C, NH, attention_scratch(T, C, NH, 2), 2);
+        codir_attention_backward(dqkv, dy, qkv, att, c.mask, B, T, C, NH, attention_scratch(T, C, NH, 2), 2);
         c.qkv = widen(qkv, n);
         c.dy = widen(dy, (size_t)rows * C);
         c.out = new_doubles((size_t)rows * C);
@@ -960,7 +960,7 @@ static void test_attention_fully_masked(void)
     /* Sequence 0's padded key 2 gets probability 0 from every query. */
     for (i = 0; i < NH * T; i++) CHECK(att[i * T + 2] == 0.0f, "att to padded key, row %d = %g", i, (double)att[i * T + 2]);
 
-    codir_attention_backward(dqkv, dy, qkv, att, B, T, C, NH, scratch, 2);
+    codir_attention_backward(dqkv, dy, qkv, att, mask, B, T, C, NH, scratch, 2);
     CHECK(all_finite(dqkv, B * T * 3 * C), "attention gradient has NaN or Inf");
     for (i = T * 3 * C; i < B * T * 3 * C; i++)
         CHECK(dqkv[i] == 0.0f, "dqkv[%d] of the fully masked sequence = %g, want 0", i, (double)dqkv[i]);
@@ -969,6 +969,49 @@ static void test_attention_fully_masked(void)
     for (c = C; c < 3 * C; c++)
         CHECK(dqkv[2 * 3 * C + c] == 0.0f, "gradient of padded key/value channel %d = %g", c, (double)dqkv[2 * 3 * C + c]);
     free_buffers();
+}
+
+/* A NaN or Inf in the key or value of a padded token leaves every result bit the same
+   as a finite value there would: outputs, probabilities and all gradients. */
+static void test_attention_padded_nan(void)
+{
+    enum { B = 2, T = 5, C = 8, NH = 2 };
+    static const int mask[B * T] = {1, 1, 0, 1, 0, 1, 1, 1, 1, 0};
+    unsigned long long rng = 116;
+    float *qkv = random_floats(B * T * 3 * C, &rng, -1, 1), *poisoned = copy_floats(qkv, B * T * 3 * C);
+    float *dy = random_floats(B * T * C, &rng, -1, 1), *scratch = attention_scratch(T, C, NH, 2);
+    float *out = new_floats(B * T * C), *out_p = new_floats(B * T * C);
+    float *att = new_floats(B * NH * T * T), *att_p = new_floats(B * NH * T * T);
+    float *dqkv = new_floats(B * T * 3 * C), *dqkv_p = new_floats(B * T * 3 * C);
+    int bt, c;
+    for (bt = 0; bt < B * T; bt++)
+        if (!mask[bt])
+            for (c = C; c < 3 * C; c++) poisoned[bt * 3 * C + c] = c % 2 ? NAN : INFINITY;
+    codir_attention_forward(out, att, qkv, mask, B, T, C, NH, scratch, 2);
+    codir_attention_backward(dqkv, dy, qkv, att, mask, B, T, C, NH, scratch, 2);
+    codir_attention_forward(out_p, att_p, poisoned, mask, B, T, C, NH, scratch, 2);
+    codir_attention_backward(dqkv_p, dy, poisoned, att_p, mask, B, T, C, NH, scratch, 2);
+    CHECK(count_different(out, out_p, B * T * C) == 0, "%zu outputs changed", count_different(out, out_p, B * T * C));
+    CHECK(count_different(att, att_p, B * NH * T * T) == 0, "%zu probabilities changed",
+          count_different(att, att_p, B * NH * T * T));
+    CHECK(count_different(dqkv, dqkv_p, B * T * 3 * C) == 0, "%zu gradients changed",
+          count_different(dqkv, dqkv_p, B * T * 3 * C));
+    free_buffers();
+}
+
+/* Empty shapes do nothing: no token (T = 0), or no channel (C = 0). */
+static void test_attention_empty(void)
+{
+    float out[1] = {7.0f}, dqkv[1] = {7.0f}, scratch[1];
+    int mask[1] = {1};
+    CHECK(codir_attention_scratch(0, 8, 2) == 0, "scratch for T = 0 is %zu floats, want 0", codir_attention_scratch(0, 8, 2));
+    CHECK(codir_attention_scratch(4, 0, 2) == 0, "scratch for C = 0 is %zu floats, want 0", codir_attention_scratch(4, 0, 2));
+    codir_attention_forward(out, NULL, NULL, mask, 3, 0, 8, 2, scratch, 2);
+    codir_attention_forward(out, NULL, NULL, mask, 1, 1, 0, 2, scratch, 2);
+    codir_attention_backward(dqkv, out, NULL, NULL, mask, 3, 0, 8, 2, scratch, 2);
+    codir_attention_backward(dqkv, out, NULL, NULL, mask, 1, 1, 0, 2, scratch, 2);
+    CHECK(out[0] == 7.0f, "an empty forward pass wrote %g", (double)out[0]);
+    CHECK(dqkv[0] == 7.0f, "an empty backward pass wrote %g", (double)dqkv[0]);
 }
 
 /* Adds the analytic gradient of sum(dy * attention(qkv)) to dqkv, in double:
@@ -1041,9 +1084,9 @@ static void test_attention_large(void)
               count_different(out, out1, (size_t)rows * C));
 
         ref_attention_backward(want_d, widen(dy, (size_t)rows * C), dqkv_d, mask, B, T, C, NH);
-        codir_attention_backward(dqkv, dy, qkv, att, B, T, C, NH, scratch, 2);
+        codir_attention_backward(dqkv, dy, qkv, att, mask, B, T, C, NH, scratch, 2);
         check_close(label("dqkv B=%d T=%d C=%d NH=%d", B, T, C, NH), dqkv, want_d, n, FWD_ATOL, FWD_RTOL);
-        codir_attention_backward(dqkv1, dy, qkv, att, B, T, C, NH, scratch, 1);
+        codir_attention_backward(dqkv1, dy, qkv, att, mask, B, T, C, NH, scratch, 1);
         CHECK(count_different(dqkv, dqkv1, n) == 0, "T=%d: 1 and 2 threads differ on %zu gradients", T,
               count_different(dqkv, dqkv1, n));
     }
@@ -2425,6 +2468,8 @@ const test_case tests_kernels[] = {
     {"kernel attention backward", test_attention_backward},
     {"kernel attention fully masked row", test_attention_fully_masked},
     {"kernel attention large shapes and threads", test_attention_large},
+    {"kernel attention NaN in padded keys", test_attention_padded_nan},
+    {"kernel attention empty shapes", test_attention_empty},
     {"kernel embedding forward", test_embedding_forward},
     {"kernel embedding backward", test_embedding_backward},
     {"kernel dropout statistics", test_dropout_statistics},
