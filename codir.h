@@ -1934,6 +1934,9 @@ CODIR_DEF void codir_arena_free(codir_arena *arena)
 
 /* ---- linear ---- */
 
+/* NOTE: w is packed for the GEMM on every call. With few rows (batch-1 inference) the
+   packing reads the whole weight matrix from memory and takes about as long as the
+   product; a frozen model could keep its packed weights. */
 CODIR_DEF int codir_linear_forward(struct codir_gemm_ws *ws, float *out, const float *inp, const float *w,
                                    const float *b, int N, int C, int OC)
 {
