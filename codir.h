@@ -45,7 +45,8 @@
                         replace the allocator; define all three or none
      CODIR_ASSERT(x)    internal invariant check; by default prints file:line and
                         the expression to stderr and aborts, also under NDEBUG
-     CODIR_NO_SIMD      use the portable scalar GEMM micro-kernel only
+     CODIR_NO_SIMD      use the portable scalar GEMM micro-kernel, and compile the
+                        vector-math loops for the baseline instruction set only
      CODIR_NO_FSYNC     skip the POSIX fsync before a saved file is renamed into place
      CODIR_ALLOW_FAST_MATH
                         allow -ffast-math, which disables the NaN and Inf checks
