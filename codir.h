@@ -6962,6 +6962,18 @@ CODIR_DEF codir_model *codir_model_load(const char *dir)
                     st->tensors[first_unexpected].name, unexpected > 1 ? " and others" : "");
         goto fail;
     }
+
+    /* A NaN or Inf weight would only show as a non-finite loss at the first step. */
+    for (i = 0; i < n; i++) {
+        size_t numel = (size_t)entries[i].shape[0] * (size_t)(entries[i].ndim > 1 ? entries[i].shape[1] : 1), k;
+        for (k = 0; k < numel && isfinite(entries[i].data[k]); k++) continue;
+        if (k < numel) {
+            codir__fail(CODIR_ERR_INVALID, "%s: tensor \"%s\" holds %s at element %zu; the file is corrupt or comes "
+                        "from a run that diverged", weights_path, entries[i].name,
+                        isnan(entries[i].data[k]) ? "NaN" : "Inf", k);
+            goto fail;
+        }
+    }
     codir__free(entries);
     codir__free(used);
     codir__free(weights_path);

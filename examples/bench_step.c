@@ -8,9 +8,9 @@
 
        cc -std=c11 -O2 -fopenmp examples/bench_step.c -o bench_step -lm
        ./bench_step                  sequence 64 and 128, 1 thread and all threads
-       ./bench_step --quick          sequence 64 only, 5 timed runs per case
+       ./bench_step --quick          sequence 64 only, at least 5 timed runs per case
        ./bench_step --threads 2      only on 2 threads
-       ./bench_step --seq 128        sequence 128 only (with --quick: 5 timed runs per case)
+       ./bench_step --seq 128        sequence 128 only (with --quick: at least 5 timed runs)
        ./bench_step --bench train --model L3-H384
                                      one kind of step and one student only, for profiling
 
@@ -431,7 +431,7 @@ static void usage(const char *program)
 {
     fprintf(stderr,
             "usage: %s [--quick] [--threads N] [--seq T] [--bench KIND] [--model NAME]\n"
-            "  --quick        time sequence length 64 only, %d timed runs per case instead of %d\n"
+            "  --quick        time sequence length 64 only, at least %d timed runs per case instead of %d\n"
             "  --threads N    time on N OpenMP threads only, instead of 1 thread and then all threads\n"
             "  --seq T        time sequence length T only (1 to %d), instead of 64 and 128\n"
             "  --bench KIND   time one kind of step only: train, distill, distill_cached or infer\n"

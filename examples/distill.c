@@ -251,10 +251,25 @@ static int make_folder(const char *dir)
 #else
     int rc = mkdir(dir, 0777);
 #endif
+    char probe[4096];
+    FILE *file;
     if (rc != 0 && errno != EEXIST) {
         fprintf(stderr, "distill: cannot create the folder %s: %s\n", dir, strerror(errno));
         return 1;
     }
+    /* The path may exist as a file, or as a folder this user cannot write: find out
+       now by creating and removing a file in it, not after training. */
+    if (snprintf(probe, sizeof probe, "%s/.write_check.tmp", dir) >= (int)sizeof probe) {
+        fprintf(stderr, "distill: the folder path %s is too long\n", dir);
+        return 1;
+    }
+    file = fopen(probe, "wb");
+    if (!file) {
+        fprintf(stderr, "distill: cannot write into the folder %s: %s; give a writable folder\n", dir, strerror(errno));
+        return 1;
+    }
+    fclose(file);
+    remove(probe);
     return 0;
 }
 
@@ -521,6 +536,20 @@ static codir_model *make_teacher(run_data *rd, const codir_config *cfg, report *
             fprintf(stderr, "distill: the teacher in %s has a vocabulary of %d and %d labels, but the data needs %d and %d; "
                             "use the vocabulary it was trained with (--vocab-size) or retrain it\n",
                     o->teacher_dir, teacher->cfg.vocab_size, teacher->cfg.num_labels, cfg->vocab_size, cfg->num_labels);
+            codir_model_free(teacher);
+            return NULL;
+        }
+        if (teacher->cfg.max_len < o->max_len) {
+            fprintf(stderr, "distill: the teacher in %s has %d positions, fewer than --max-len %d; give --max-len %d "
+                            "or less\n",
+                    o->teacher_dir, teacher->cfg.max_len, o->max_len, teacher->cfg.max_len);
+            codir_model_free(teacher);
+            return NULL;
+        }
+        if (teacher->cfg.num_layers < o->student_layers) {
+            fprintf(stderr, "distill: the teacher in %s has %d layers, fewer than the student's %d; give "
+                            "--student-layers %d or less\n",
+                    o->teacher_dir, teacher->cfg.num_layers, o->student_layers, teacher->cfg.num_layers);
             codir_model_free(teacher);
             return NULL;
         }

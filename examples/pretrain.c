@@ -237,10 +237,25 @@ static int make_folder(const char *dir)
 #else
     int rc = mkdir(dir, 0777);
 #endif
+    char probe[4096];
+    FILE *file;
     if (rc != 0 && errno != EEXIST) {
         fprintf(stderr, "pretrain: cannot create the folder %s: %s\n", dir, strerror(errno));
         return 1;
     }
+    /* The path may exist as a file, or as a folder this user cannot write: find out
+       now by creating and removing a file in it, not after training. */
+    if (snprintf(probe, sizeof probe, "%s/.write_check.tmp", dir) >= (int)sizeof probe) {
+        fprintf(stderr, "pretrain: the folder path %s is too long\n", dir);
+        return 1;
+    }
+    file = fopen(probe, "wb");
+    if (!file) {
+        fprintf(stderr, "pretrain: cannot write into the folder %s: %s; give a writable folder\n", dir, strerror(errno));
+        return 1;
+    }
+    fclose(file);
+    remove(probe);
     return 0;
 }
 
@@ -419,6 +434,9 @@ int main(int argc, char **argv)
 #endif
     memset(&rd, 0, sizeof rd);
     rd.opt = &o;
+
+    /* Fail now, not after training, when an output folder cannot be written. */
+    if ((!o.teacher_in && make_folder(o.teacher_out)) || make_folder(o.student_out)) goto done;
 
     /* Text, vocabulary and segments. */
     train_text = load_corpus(o.corpus_dir, "train.txt");

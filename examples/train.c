@@ -197,10 +197,25 @@ static int make_folder(const char *dir)
 #else
     int rc = mkdir(dir, 0777);
 #endif
+    char probe[4096];
+    FILE *file;
     if (rc != 0 && errno != EEXIST) {
         fprintf(stderr, "train: cannot create the folder %s: %s\n", dir, strerror(errno));
         return 1;
     }
+    /* The path may exist as a file, or as a folder this user cannot write: find out
+       now by creating and removing a file in it, not after training. */
+    if (snprintf(probe, sizeof probe, "%s/.write_check.tmp", dir) >= (int)sizeof probe) {
+        fprintf(stderr, "train: the folder path %s is too long\n", dir);
+        return 1;
+    }
+    file = fopen(probe, "wb");
+    if (!file) {
+        fprintf(stderr, "train: cannot write into the folder %s: %s; give a writable folder\n", dir, strerror(errno));
+        return 1;
+    }
+    fclose(file);
+    remove(probe);
     return 0;
 }
 

@@ -988,6 +988,18 @@ static void test_saved_folder_layout(void)
 
     check_error("saving into a missing folder", codir_model_save(m, "/nonexistent/model"), CODIR_ERR_IO,
                 "failed to create '/nonexistent/model/model.safetensors.tmp'");
+
+    /* A NaN weight is rejected at load time with the tensor's name. */
+    m->layers[1].ffn_down_b->data[3] = NAN;
+    rc = codir_model_save(m, dir);
+    CHECK(rc == CODIR_OK, "codir_model_save with a NaN weight: %s", codir_last_error());
+    {
+        codir_model *bad = codir_model_load(dir);
+        CHECK(bad == NULL, "a model folder with a NaN weight loaded");
+        CHECK(strstr(codir_last_error(), "\"bert.encoder.layer.1.output.dense.bias\" holds NaN at element 3") != NULL,
+              "unexpected error for a NaN weight: %s", codir_last_error());
+        codir_model_free(bad);
+    }
     free(value);
     free(config);
     codir_model_free(m);
