@@ -468,6 +468,10 @@ int main(int argc, char **argv)
             }
             only_seq = (int)n;
         } else if (strcmp(argv[i], "--bench") == 0 && i + 1 < argc) {
+            if (only_kind >= 0) {
+                fprintf(stderr, "bench_step: give --bench once\n");
+                return 2;
+            }
             i++;
             for (k = 0; k < 4; k++)
                 if (strcmp(argv[i], bench_kind_names[k]) == 0) only_kind = k;

@@ -799,6 +799,16 @@ int main(int argc, char **argv)
         fprintf(stderr, "distill: --negatives %d must be below the %d training examples\n", o.negatives, rd.train->count);
         goto done;
     }
+    if (!rd.regression && o.lambda != 0.0f) {
+        /* The contrastive students draw negatives from the other classes. */
+        for (i = 1; i < rd.train->count && rd.train->labels[i] == rd.train->labels[0]; i++) continue;
+        if (i == rd.train->count) {
+            fprintf(stderr, "distill: every example in %s/train.tsv has label %d, so the contrastive loss has no "
+                            "negatives; give data with at least two classes, or --lambda 0\n",
+                    o.data_dir, rd.train->labels[0]);
+            goto done;
+        }
+    }
     if (o.save_teacher_dir && make_folder(o.save_teacher_dir)) goto done;
     if (!rd.regression && rd.dev->num_classes > rd.train->num_classes) {
         fprintf(stderr, "distill: dev.tsv has label %d but train.tsv only 0..%d\n", rd.dev->num_classes - 1,

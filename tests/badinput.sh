@@ -33,6 +33,10 @@ cp "$data/dev.tsv" "$work/bad_label/dev.tsv"
 printf 'sentence\tlabel\ngood movie\t1\nbad movie\t1000000\n' >"$work/big_label/train.tsv"
 cp "$data/dev.tsv" "$work/big_label/dev.tsv"
 cp "$data/train.tsv" "$work/dev_label/train.tsv"
+mkdir -p "$work/one_label"
+printf 'sentence\tlabel\ngood movie\t1\ngreat fun\t1\nfine acting\t1\nnice cast\t1\n' >"$work/one_label/train.tsv"
+cp "$data/dev.tsv" "$work/one_label/dev.tsv"
+: >"$work/a_file"
 printf 'sentence\tlabel\ngood fun\t5\n' >"$work/dev_label/dev.tsv"
 # A model folder whose weights file is cut to 3 bytes, and one whose vocab.txt lacks [MASK].
 printf '{"hidden_size": 8, "num_attention_heads": 2}' >"$work/cut_model/config.json"
@@ -151,6 +155,12 @@ run_case "distill class id 1000000" exact \
     "$distill" --data "$work/big_label" --curves "$work/out/curves" $tiny
 run_case "distill dev class unseen in training" exact "distill: dev.tsv has label 5 but train.tsv only 0..1" \
     "$distill" --data "$work/dev_label" --curves "$work/out/curves" $tiny
+run_case "distill on data with a single label" exact \
+    "distill: every example in $work/one_label/train.tsv has label 1, so the contrastive loss has no negatives; give data with at least two classes, or --lambda 0" \
+    "$distill" --data "$work/one_label" --curves "$work/out/curves" $tiny
+run_case "distill --save-teacher into a file" exact \
+    "distill: cannot write into the folder $work/a_file: Not a directory; give a writable folder" \
+    "$distill" --data "$data" --save-teacher "$work/a_file" --curves "$work/out/curves" $tiny
 run_case "distill --save-teacher with a missing parent" exact \
     "distill: cannot create the folder $work/absent/teacher: No such file or directory" \
     "$distill" --data "$data" --save-teacher "$work/absent/teacher" --curves "$work/out/curves" $tiny
