@@ -491,6 +491,13 @@ int main(int argc, char **argv)
             fprintf(stderr, "pretrain: teacher: %s\n", codir_last_error());
             goto done;
         }
+        /* One pass over dev.txt first, so a dev set with nothing to score fails now. */
+        if (codir_mlm_evaluate(&rd.ctx, teacher, rd.dev, 64, &rd.mlm, EVAL_MASK_SEED, &teacher_scores)) {
+            fprintf(stderr, "pretrain: %s/dev.txt cannot be scored: %s; it needs words that the vocabulary "
+                            "learned from train.txt knows\n",
+                    o.corpus_dir, codir_last_error());
+            goto done;
+        }
         if (train(&rd, "teacher", teacher, NULL, NULL, o.teacher_epochs)) goto done;
     }
     if (evaluate(&rd, teacher, "teacher", &teacher_scores)) goto done;

@@ -127,6 +127,24 @@ check "distill end to end, tiny" sh -c "$build/distill --teacher-layers 2 --hidd
     --teacher-epochs 1 --student-epochs 1 --negatives 16 --proj-dim 16 --curves $build/curves >$build/distill.txt &&
     grep -c '^result model=' $build/distill.txt | grep -qx 5 && test -s $build/curves.csv && grep -q '</svg>' $build/curves.svg"
 
+echo "== pre-training example"
+check "pretrain builds" $CC -std=c11 -O2 -fopenmp examples/pretrain.c -o "$build/pretrain" -lm
+check "pretrain end to end, tiny, and reload" sh -c "$build/pretrain --max-segments 64 --teacher-layers 2 --hidden 32 \
+    --heads 2 --ffn 64 --teacher-epochs 1 --student-epochs 1 --vocab-size 500 --negatives 4 --proj-dim 16 \
+    --teacher-out $build/pt_teacher --student-out $build/pt_student >$build/pretrain.txt &&
+    grep -q '^result model=student' $build/pretrain.txt && test -s $build/pt_student/model.safetensors &&
+    $build/pretrain --teacher $build/pt_teacher --max-segments 64 --student-layers 1 --hidden 32 --heads 2 --ffn 64 \
+    --student-epochs 1 --negatives 4 --proj-dim 16 --student-out $build/pt_student2 >$build/pretrain2.txt &&
+    grep -q '^result model=student' $build/pretrain2.txt"
+mkdir -p "$build/short_dev"
+cp examples/data/austen-persuasion/train.txt "$build/short_dev/train.txt"
+# Two CJK characters that the vocabulary of the English text maps to [UNK].
+printf '\346\274\242\345\255\227\n' >"$build/short_dev/dev.txt"
+check "pretrain rejects a dev.txt with nothing to score" sh -c "! $build/pretrain --corpus $build/short_dev \
+    --max-segments 64 --teacher-layers 2 --hidden 32 --heads 2 --ffn 64 --vocab-size 500 \
+    --teacher-out $build/pt_t3 --student-out $build/pt_s3 >/dev/null 2>$build/err.txt &&
+    grep -q 'short_dev/dev.txt cannot be scored: no segment has a token to predict' $build/err.txt"
+
 echo "== fine-tuning example"
 check "train builds" $CC -std=c11 -O2 -fopenmp examples/train.c -o "$build/train" -lm
 mkdir -p "$build/pairs_model" "$build/pairs_again" "$build/sts_model"
