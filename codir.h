@@ -2368,6 +2368,17 @@ static int codir__attention_threads(int limit, int pairs)
     return threads > 1 ? threads : 1;
 }
 
+/* Returns the calling thread's part of per_thread floats of scratch. */
+static float *codir__thread_scratch(float *scratch, size_t per_thread)
+{
+#ifdef _OPENMP
+    return scratch + (size_t)omp_get_thread_num() * per_thread;
+#else
+    (void)per_thread;
+    return scratch;
+#endif
+}
+
 /* Softmax over the T scores in each row of s[T, T], in place, skipping padded keys. */
 static void codir__attention_softmax(float *s, const int *keep, int T)
 {
@@ -2408,11 +2419,7 @@ CODIR_DEF void codir_attention_forward(float *out, float *att, const float *qkv,
 #endif
     for (bh = 0; bh < B * NH; bh++) {
         int b = bh / NH, h = bh % NH, ldv;
-#ifdef _OPENMP
-        float *mine = scratch + (size_t)omp_get_thread_num() * per_thread;
-#else
-        float *mine = scratch;
-#endif
+        float *mine = codir__thread_scratch(scratch, per_thread);
         float *scores = mine + pack, *vbuf = scores + (size_t)T * T + (size_t)T * HS;
         const int *keep = mask + (size_t)b * T;
         const float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
@@ -2442,11 +2449,7 @@ CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const fl
 #endif
     for (bh = 0; bh < B * NH; bh++) {
         int b = bh / NH, h = bh % NH, t, j, ldk, ldv;
-#ifdef _OPENMP
-        float *mine = scratch + (size_t)omp_get_thread_num() * per_thread;
-#else
-        float *mine = scratch;
-#endif
+        float *mine = codir__thread_scratch(scratch, per_thread);
         float *ds = mine + pack, *kbuf = ds + (size_t)T * T, *vbuf = kbuf + (size_t)T * HS;
         const int *keep = mask + (size_t)b * T;
         const float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
@@ -3680,6 +3683,28 @@ typedef struct codir__gemm_plan {
     size_t b_stride;
 } codir__gemm_plan;
 
+/* Fills the product's operands into a zeroed plan; the caller sets the blocking. */
+static void codir__gemm_plan_init(codir__gemm_plan *plan, const codir__gemm_kernel *kernel, int trans_a, int trans_b,
+                                  int m, int n, int k, float alpha, const float *a, int lda, const float *b, int ldb,
+                                  float beta, float *c, int ldc)
+{
+    memset(plan, 0, sizeof *plan);
+    plan->kernel = kernel;
+    plan->trans_a = trans_a;
+    plan->trans_b = trans_b;
+    plan->m = m;
+    plan->n = n;
+    plan->k = k;
+    plan->alpha = alpha;
+    plan->beta = beta;
+    plan->a = a;
+    plan->b = b;
+    plan->c = c;
+    plan->lda = lda;
+    plan->ldb = ldb;
+    plan->ldc = ldc;
+}
+
 /* Stores in [*lo, *hi) the share of `count` items that thread `tid` of `threads` gets:
    contiguous ranges whose sizes differ by at most one. */
 static void codir__gemm_share(int count, int tid, int threads, int *lo, int *hi)
@@ -3828,6 +3853,15 @@ static int codir__gemm_even_block(int count, int block, int multiple)
     return size < block ? size : block;
 }
 
+/* Sets the per-thread sizes of A~ (mc x kc) and B~ (kc x nc, in whole NR-panels), each
+   rounded up to the alignment, from the plan's block sizes. */
+static void codir__gemm_set_strides(codir__gemm_plan *plan)
+{
+    size_t nr = (size_t)plan->kernel->nr, panels = ((size_t)plan->nc + nr - 1) / nr;
+    plan->a_stride = codir__gemm_align_floats((size_t)plan->mc * (size_t)plan->kc);
+    plan->b_stride = codir__gemm_align_floats((size_t)plan->kc * panels * nr);
+}
+
 CODIR_DEF int codir_gemm(codir_gemm_ws *ws, int trans_a, int trans_b, int m, int n, int k, float alpha,
                          const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc)
 {
@@ -3861,21 +3895,7 @@ CODIR_DEF int codir_gemm(codir_gemm_ws *ws, int trans_a, int trans_b, int m, int
     }
 #endif
 
-    memset(&plan, 0, sizeof plan);
-    plan.kernel = kernel;
-    plan.trans_a = trans_a;
-    plan.trans_b = trans_b;
-    plan.m = m;
-    plan.n = n;
-    plan.k = k;
-    plan.alpha = alpha;
-    plan.beta = beta;
-    plan.a = a;
-    plan.b = b;
-    plan.c = c;
-    plan.lda = lda;
-    plan.ldb = ldb;
-    plan.ldc = ldc;
+    codir__gemm_plan_init(&plan, kernel, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     /* Each thread packs all of op(B) for its rows, or all of op(A) for its columns, so
        split the larger of m and n: that duplicates the smaller operand. */
     plan.split_columns = threads > 1 && (m_panels < threads || (n > m && n_panels >= threads));
@@ -3893,8 +3913,7 @@ CODIR_DEF int codir_gemm(codir_gemm_ws *ws, int trans_a, int trans_b, int m, int
        with the thread count need an overflow check.
        NOTE: B~ takes up to KC x NC floats per thread (4 MiB with the AVX-512 blocks),
        so the workspace grows linearly with the thread count. */
-    plan.a_stride = codir__gemm_align_floats((size_t)plan.mc * (size_t)plan.kc);
-    plan.b_stride = codir__gemm_align_floats((size_t)plan.kc * (size_t)((plan.nc + kernel->nr - 1) / kernel->nr * kernel->nr));
+    codir__gemm_set_strides(&plan);
     if (!codir__size_mul(plan.a_stride, (size_t)threads, &a_floats) ||
         !codir__size_mul(plan.b_stride, (size_t)threads, &b_floats))
         return codir__fail(CODIR_ERR_OVERFLOW, "codir_gemm: packing buffers for %d threads overflow size_t", threads);
@@ -3947,11 +3966,11 @@ CODIR_DEF int codir_gemm(codir_gemm_ws *ws, int trans_a, int trans_b, int m, int
 /* Fills the block sizes and buffer strides of a one-thread plan. */
 static void codir__gemm_serial_blocks(const codir__gemm_kernel *kernel, int m, int n, int k, codir__gemm_plan *plan)
 {
+    plan->kernel = kernel;
     plan->kc = codir__gemm_even_block(k, kernel->kc, 8);
     plan->mc = codir__gemm_even_block(m, kernel->mc, kernel->mr);
     plan->nc = codir__gemm_even_block(n, kernel->nc, kernel->nr);
-    plan->a_stride = codir__gemm_align_floats((size_t)plan->mc * (size_t)plan->kc);
-    plan->b_stride = codir__gemm_align_floats((size_t)plan->kc * (size_t)((plan->nc + kernel->nr - 1) / kernel->nr * kernel->nr));
+    codir__gemm_set_strides(plan);
 }
 
 /* Floats of packing buffer that codir__gemm_serial needs for an m x n x k product,
@@ -3971,21 +3990,8 @@ static void codir__gemm_serial(int trans_a, int trans_b, int m, int n, int k, fl
 {
     codir__gemm_plan plan;
     uintptr_t aligned = ((uintptr_t)pack + (CODIR__GEMM_ALIGN - 1)) & ~(uintptr_t)(CODIR__GEMM_ALIGN - 1);
-    memset(&plan, 0, sizeof plan);
-    plan.kernel = codir__gemm_select_kernel();
-    plan.trans_a = trans_a;
-    plan.trans_b = trans_b;
-    plan.m = m;
-    plan.n = n;
-    plan.k = k;
-    plan.alpha = alpha;
-    plan.beta = beta;
-    plan.a = a;
-    plan.b = b;
-    plan.c = c;
-    plan.lda = lda;
-    plan.ldb = ldb;
-    plan.ldc = ldc;
+    codir__gemm_plan_init(&plan, codir__gemm_select_kernel(), trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta,
+                          c, ldc);
     codir__gemm_serial_blocks(plan.kernel, m, n, k, &plan);
     plan.a_packs = (float *)aligned;
     plan.b_packs = plan.a_packs + plan.a_stride;
