@@ -731,11 +731,11 @@ static void test_gelu_backward(void)
     free_buffers();
 }
 
-/* GELU and its derivative on a dense grid over [-12, 12], spanning several
-   vectorized blocks and threads, against erfc in double. Phi is computed as
-   erfc(-x / sqrt(2)) / 2, so the reference keeps its relative accuracy in the left
-   tail, where GELU values are tiny. Bounds: absolute error below 2.5e-7 * max(1, |x|)
-   everywhere (about 2 float ulp), and relative error below 1e-4 down to x = -12. */
+/* Compares GELU and its derivative with erfc in double on a dense grid over [-12, 12],
+   which spans several vectorized blocks and threads. The reference takes Phi(x) as
+   erfc(-x / sqrt(2)) / 2, so it stays accurate in the left tail, where GELU is tiny.
+   The absolute error must stay below 2.5e-7 * max(1, |x|), about 2 float ulp, and the
+   relative error below 1e-4 down to x = -12. */
 static void test_gelu_accuracy(void)
 {
     enum { n = 480001 };
