@@ -124,12 +124,16 @@ CODIR_DEF void codir_clear_error(void);
    arena of a codir_ctx. */
 typedef struct codir_tensor {
     float *data;                /* [numel] values */
-    float *grad;                /* [numel] gradient, or NULL when none is tracked */
+    float *grad;                /* [numel] gradient, or NULL when none is tracked. An op
+                                   output has one only while codir_backward runs, unless
+                                   codir_retain_grad keeps it (see section 5). */
     int ndim;                   /* 1 to CODIR_MAX_DIMS */
     int shape[CODIR_MAX_DIMS];  /* sizes, outermost first; unused entries are 1 */
     size_t numel;               /* product of the shape */
     int no_decay;               /* parameters only: 1 excludes it from weight decay */
     const char *name;           /* parameters only: stable name, e.g. "layer.0.ln1.gamma" */
+    int node;                   /* op outputs: 1 + the index of the tape node that made it */
+    int retain_grad;            /* op outputs: 1 keeps the gradient after codir_backward */
 } codir_tensor;
 
 /* An int32 tensor for token ids, masks and labels. */
@@ -420,7 +424,18 @@ CODIR_DEF const char *codir_gemm_kernel_name(void);
    the context is recording and an input has a gradient, appends a node to the tape.
    codir_backward walks the tape in reverse and calls the backward kernels. Ops take
    NULL inputs and return NULL after any failure, so a chain of ops needs one check at
-   its end; codir_last_error() and ctx->status say what went wrong. */
+   its end; codir_last_error() and ctx->status say what went wrong.
+
+   Memory. An op output that needs a gradient gets no gradient buffer in the forward
+   pass. codir_backward gives each one a buffer only from the first backward step that
+   writes it to its own op's step, the last that reads it, and places these buffers in
+   one pool so that dead ones are reused: the pool holds the gradients alive at the
+   busiest point of the walk, about one block's worth, instead of a copy of every
+   activation. Afterwards op outputs have grad == NULL again, as PyTorch frees the
+   gradients of non-leaf tensors; codir_retain_grad keeps one. Leaves (parameters and
+   tensors made with codir_tensor_new(..., 1)) keep their own buffers.
+   A forward pass that records nothing needs less: codir_model_forward then drops each
+   block's intermediate values once the block's output exists. */
 
 typedef struct codir_node codir_node;
 
@@ -446,15 +461,28 @@ CODIR_DEF void codir_ctx_begin(codir_ctx *ctx, int recording, int training, uint
    when with_grad is 1. Data is uninitialized. */
 CODIR_DEF codir_tensor *codir_tensor_new(codir_ctx *ctx, int ndim, const int *shape, int with_grad);
 
-/* Seeds loss->grad with 1, zeroes the gradients of all recorded intermediate tensors
-   and runs the tape backward. Parameter gradients accumulate: zero them first. */
+/* Runs the tape backward from loss (a scalar op output) with the seed gradient 1.
+   Gradients of op outputs start from zero on every call; leaf gradients, parameters'
+   among them, accumulate: zero them first. Ops whose output does not lead to loss are
+   skipped. */
 CODIR_DEF int codir_backward(codir_ctx *ctx, codir_tensor *loss);
 /* The same with the seed gradient `seed` instead of 1. */
 CODIR_DEF int codir_backward_scaled(codir_ctx *ctx, codir_tensor *loss, float seed);
+/* Keeps the gradient of op output t after the next backward passes, until the next
+   codir_ctx_begin (PyTorch's Tensor.retain_grad). A tensor without a gradient is left
+   alone. */
+CODIR_DEF void codir_retain_grad(codir_tensor *t);
 
 /* x[..., C] w[OC, C]^T + b[OC] -> [..., OC]; b may be NULL. */
 CODIR_DEF codir_tensor *codir_linear(codir_ctx *ctx, codir_tensor *x, codir_tensor *w, codir_tensor *b);
+/* codir_linear(ctx, codir_gelu(ctx, x), w, b) without keeping GELU(x): the backward
+   pass computes it again from x. The results are bit-identical; the feed-forward block
+   keeps one [N, F] activation instead of two. */
+CODIR_DEF codir_tensor *codir_gelu_linear(codir_ctx *ctx, codir_tensor *x, codir_tensor *w, codir_tensor *b);
 CODIR_DEF codir_tensor *codir_add(codir_ctx *ctx, codir_tensor *a, codir_tensor *b);
+/* codir_add(ctx, x, codir_dropout(ctx, a, p)) without keeping the dropped-out copy of
+   a; bit-identical, with the same dropout mask. */
+CODIR_DEF codir_tensor *codir_add_dropout(codir_ctx *ctx, codir_tensor *x, codir_tensor *a, float p);
 CODIR_DEF codir_tensor *codir_layernorm(codir_ctx *ctx, codir_tensor *x, codir_tensor *gamma,
                                         codir_tensor *beta, float eps);
 CODIR_DEF codir_tensor *codir_gelu(codir_ctx *ctx, codir_tensor *x);
@@ -594,9 +622,19 @@ typedef struct codir_output {
 } codir_output;
 
 /* Runs the encoder and classifier on a batch. Dropout is active when ctx->training;
-   nothing is recorded unless ctx->recording. Returns CODIR_OK or an error. */
+   nothing is recorded unless ctx->recording, and then each block's intermediate
+   values go back to the arena once its output is copied out, so the arena holds the
+   hidden states and one block's work. Returns CODIR_OK or an error. */
 CODIR_DEF int codir_model_forward(codir_ctx *ctx, const codir_model *model, const codir_batch *batch,
                                   codir_output *out);
+/* The same forward pass for when only the logits are needed (fine-tuning, prediction):
+   the classifier reads the first token, so after the last block's attention only that
+   token is computed, and out->hidden[num_layers] is [B, 1, C]. The logits equal
+   codir_model_forward's up to rounding (bit for bit in practice), and the last
+   block costs about a quarter. With dropout the last block draws other masks, from
+   the same distribution. */
+CODIR_DEF int codir_model_logits(codir_ctx *ctx, const codir_model *model, const codir_batch *batch,
+                                 codir_output *out);
 /* Masked-LM logits [P, V] at the P rows `positions` (indexes b * T + t) of the last
    hidden layer [B, T, C]: dense, GELU, LayerNorm, then the decoder tied to the token
    embeddings plus its bias. Computing them only where a token was masked saves the
@@ -1440,6 +1478,9 @@ CODIR_DEF int codir_mlm_evaluate(codir_ctx *ctx, const codir_model *model, const
 #define CODIR_MALLOC(n) malloc(n)
 #define CODIR_REALLOC(p, n) realloc(p, n)
 #define CODIR_FREE(p) free(p)
+/* calloc maps large blocks to zero pages the kernel fills on first touch, so gradient
+   buffers of a frozen model cost no memory until written. */
+#define CODIR__STD_CALLOC 1
 #else
 #if !defined(CODIR_MALLOC)
 #error "codir.h: CODIR_REALLOC or CODIR_FREE is defined but CODIR_MALLOC is missing; define all three or none"
@@ -1531,8 +1572,13 @@ static void *codir__calloc(size_t count, size_t size)
         codir__fail(CODIR_ERR_OVERFLOW, "allocation of %zu x %zu bytes overflows size_t", count, size);
         return NULL;
     }
+#ifdef CODIR__STD_CALLOC
+    p = calloc(n ? n : 1, 1);
+    if (!p) codir__fail(CODIR_ERR_NOMEM, "out of memory allocating %zu bytes", n);
+#else
     p = codir__malloc(n);
     if (p) memset(p, 0, n);
+#endif
     return p;
 }
 
@@ -4004,7 +4050,9 @@ static void codir__gemm_serial(int trans_a, int trans_b, int m, int n, int k, fl
 
 enum codir__op {
     CODIR__OP_LINEAR,
+    CODIR__OP_GELU_LINEAR,
     CODIR__OP_ADD,
+    CODIR__OP_ADD_DROPOUT,
     CODIR__OP_LAYERNORM,
     CODIR__OP_GELU,
     CODIR__OP_TANH,
@@ -4139,7 +4187,7 @@ static int codir__needs_grad(const codir_ctx *ctx, const codir_tensor *a, const 
                              const codir_tensor *c)
 {
     if (!ctx->recording) return 0;
-    return (a && a->grad) || (b && b->grad) || (c && c->grad);
+    return (a && (a->grad || a->node)) || (b && (b->grad || b->node)) || (c && (c->grad || c->node));
 }
 
 /* Appends a node for `op` producing `out`, or returns NULL after recording a failure. */
@@ -4166,6 +4214,7 @@ static codir_node *codir__record(codir_ctx *ctx, enum codir__op op, codir_tensor
     memset(n, 0, sizeof *n);
     n->op = op;
     n->out = out;
+    out->node = ctx->tape_len;
     n->in[0] = a;
     n->in[1] = b;
     n->in[2] = c;
@@ -4173,19 +4222,19 @@ static codir_node *codir__record(codir_ctx *ctx, enum codir__op op, codir_tensor
 }
 
 /* Returns a new tensor shaped like x but with last dimension `last`. */
-static codir_tensor *codir__new_like(codir_ctx *ctx, const codir_tensor *x, int last, int with_grad)
+static codir_tensor *codir__new_like(codir_ctx *ctx, const codir_tensor *x, int last)
 {
     int shape[CODIR_MAX_DIMS], d;
     for (d = 0; d < x->ndim; d++) shape[d] = x->shape[d];
     shape[x->ndim - 1] = last;
-    return codir_tensor_new(ctx, x->ndim, shape, with_grad);
+    return codir_tensor_new(ctx, x->ndim, shape, 0);
 }
 
 /* Returns a new scalar (shape [1]). */
-static codir_tensor *codir__new_scalar(codir_ctx *ctx, int with_grad)
+static codir_tensor *codir__new_scalar(codir_ctx *ctx)
 {
     int one = 1;
-    return codir_tensor_new(ctx, 1, &one, with_grad);
+    return codir_tensor_new(ctx, 1, &one, 0);
 }
 
 CODIR_DEF codir_tensor *codir_linear(codir_ctx *ctx, codir_tensor *x, codir_tensor *w, codir_tensor *b)
@@ -4202,11 +4251,39 @@ CODIR_DEF codir_tensor *codir_linear(codir_ctx *ctx, codir_tensor *x, codir_tens
                                w->name ? w->name : "", w->shape[0], w->shape[1]);
     N = (int)(x->numel / (size_t)(C ? C : 1));
     rg = codir__needs_grad(ctx, x, w, b);
-    out = codir__new_like(ctx, x, OC, rg);
+    out = codir__new_like(ctx, x, OC);
     if (!out) return NULL;
     rc = codir_linear_forward(ctx->gemm, out->data, x->data, w->data, b ? b->data : NULL, N, C, OC);
     if (rc) return codir__op_failed(ctx, rc);
     if (rg && !(node = codir__record(ctx, CODIR__OP_LINEAR, out, x, w, b))) return NULL;
+    return out;
+}
+
+CODIR_DEF codir_tensor *codir_gelu_linear(codir_ctx *ctx, codir_tensor *x, codir_tensor *w, codir_tensor *b)
+{
+    codir_tensor *out;
+    codir_arena_pos mark;
+    float *g;
+    int C, OC, N, rg, rc;
+    if (!x || !w) return codir__op_failed(ctx, ctx->status ? ctx->status : CODIR_ERR_INVALID);
+    C = x->shape[x->ndim - 1];
+    OC = w->shape[0];
+    if (w->ndim != 2 || w->shape[1] != C || (b && (int)b->numel != OC))
+        return codir__op_error(ctx, CODIR_ERR_INVALID,
+                               "linear: input width %d does not match weight %s [%d, %d]", C,
+                               w->name ? w->name : "", w->shape[0], w->shape[1]);
+    N = (int)(x->numel / (size_t)(C ? C : 1));
+    rg = codir__needs_grad(ctx, x, w, b);
+    out = codir__new_like(ctx, x, OC);
+    if (!out) return NULL;
+    /* GELU(x) lives only for the product: the arena takes it back right after. */
+    mark = codir_arena_mark(&ctx->arena);
+    if (!(g = codir__scratch(ctx, x->numel))) return NULL;
+    codir_gelu_forward(g, x->data, x->numel);
+    rc = codir_linear_forward(ctx->gemm, out->data, g, w->data, b ? b->data : NULL, N, C, OC);
+    codir_arena_rewind(&ctx->arena, mark);
+    if (rc) return codir__op_failed(ctx, rc);
+    if (rg && !codir__record(ctx, CODIR__OP_GELU_LINEAR, out, x, w, b)) return NULL;
     return out;
 }
 
@@ -4229,7 +4306,7 @@ CODIR_DEF codir_tensor *codir_add(codir_ctx *ctx, codir_tensor *a, codir_tensor 
     if (!a || !b) return codir__op_failed(ctx, ctx->status ? ctx->status : CODIR_ERR_INVALID);
     if (!codir__same_shape(a, b)) return codir__op_error(ctx, CODIR_ERR_INVALID, "add: operand shapes differ");
     rg = codir__needs_grad(ctx, a, b, NULL);
-    out = codir__new_like(ctx, a, a->shape[a->ndim - 1], rg);
+    out = codir__new_like(ctx, a, a->shape[a->ndim - 1]);
     if (!out) return NULL;
     codir_add_forward(out->data, a->data, b->data, a->numel);
     if (rg && !codir__record(ctx, CODIR__OP_ADD, out, a, b, NULL)) return NULL;
@@ -4250,7 +4327,7 @@ CODIR_DEF codir_tensor *codir_layernorm(codir_ctx *ctx, codir_tensor *x, codir_t
         return codir__op_error(ctx, CODIR_ERR_INVALID, "layernorm: gamma and beta must have %d values", C);
     N = (int)(x->numel / (size_t)(C ? C : 1));
     rg = codir__needs_grad(ctx, x, gamma, beta);
-    out = codir__new_like(ctx, x, C, rg);
+    out = codir__new_like(ctx, x, C);
     if (!out) return NULL;
     if (rg) {
         mean = (double *)codir_arena_alloc(&ctx->arena, (size_t)N * sizeof(double));
@@ -4273,7 +4350,7 @@ static codir_tensor *codir__unary(codir_ctx *ctx, codir_tensor *x, enum codir__o
     int rg;
     if (!x) return codir__op_failed(ctx, ctx->status ? ctx->status : CODIR_ERR_INVALID);
     rg = codir__needs_grad(ctx, x, NULL, NULL);
-    out = codir__new_like(ctx, x, x->shape[x->ndim - 1], rg);
+    out = codir__new_like(ctx, x, x->shape[x->ndim - 1]);
     if (!out) return NULL;
     if (op == CODIR__OP_GELU) codir_gelu_forward(out->data, x->data, x->numel);
     if (op == CODIR__OP_TANH) codir_tanh_forward(out->data, x->data, x->numel);
@@ -4324,7 +4401,7 @@ CODIR_DEF codir_tensor *codir_attention(codir_ctx *ctx, codir_tensor *qkv, const
     shape[0] = B;
     shape[1] = T;
     shape[2] = C;
-    out = codir_tensor_new(ctx, 3, shape, rg);
+    out = codir_tensor_new(ctx, 3, shape, 0);
     if (!out) return NULL;
     /* Without a backward pass each thread keeps one head's scores in its scratch. */
     att = NULL;
@@ -4376,7 +4453,7 @@ CODIR_DEF codir_tensor *codir_embedding(codir_ctx *ctx, const codir_itensor *ids
     shape[0] = B;
     shape[1] = T;
     shape[2] = C;
-    out = codir_tensor_new(ctx, 3, shape, rg);
+    out = codir_tensor_new(ctx, 3, shape, 0);
     if (!out) return NULL;
     codir_embedding_forward(out->data, ids->data, types ? types->data : NULL, tok->data, pos->data, type->data,
                             B, T, C);
@@ -4404,7 +4481,7 @@ CODIR_DEF codir_tensor *codir_dropout(codir_ctx *ctx, codir_tensor *x, float p)
     /* The mask depends on the seed, the step and the op's position in the step only. */
     key = codir__hash64(codir__hash64(ctx->seed, ctx->step), ctx->dropout_calls++);
     rg = codir__needs_grad(ctx, x, NULL, NULL);
-    out = codir__new_like(ctx, x, x->shape[x->ndim - 1], rg);
+    out = codir__new_like(ctx, x, x->shape[x->ndim - 1]);
     if (!out) return NULL;
     codir_dropout_forward(out->data, x->data, x->numel, p, key);
     if (rg) {
@@ -4413,6 +4490,48 @@ CODIR_DEF codir_tensor *codir_dropout(codir_ctx *ctx, codir_tensor *x, float p)
         node->key = key;
     }
     return out;
+}
+
+/* x + dropout(a, p), written into a fresh tensor, or over a's values when in_place
+   is 1. The block uses that for the output of a linear op, which no backward step
+   reads: it saves one [N, C] activation per residual connection. */
+static codir_tensor *codir__add_dropout(codir_ctx *ctx, codir_tensor *x, codir_tensor *a, float p, int in_place)
+{
+    codir_tensor *out;
+    codir_node *node;
+    uint64_t key = 0;
+    int rg, drop;
+    if (!x || !a) return codir__op_failed(ctx, ctx->status ? ctx->status : CODIR_ERR_INVALID);
+    if (!(p >= 0.0f && p < 1.0f))
+        return codir__op_error(ctx, CODIR_ERR_INVALID, "dropout: probability %g is outside [0, 1)", (double)p);
+    if (!codir__same_shape(x, a)) return codir__op_error(ctx, CODIR_ERR_INVALID, "add: operand shapes differ");
+    drop = ctx->training && p != 0.0f;
+
+    /* The same key as codir_dropout at this point of the step, so the same mask. */
+    if (drop) key = codir__hash64(codir__hash64(ctx->seed, ctx->step), ctx->dropout_calls++);
+    rg = codir__needs_grad(ctx, x, a, NULL);
+    if (in_place) {
+        if (!(out = (codir_tensor *)codir_arena_alloc(&ctx->arena, sizeof *out))) return codir__op_failed(ctx, CODIR_ERR_NOMEM);
+        *out = *a;
+        out->grad = NULL;
+        out->node = 0;
+        out->retain_grad = 0;
+    } else if (!(out = codir__new_like(ctx, x, x->shape[x->ndim - 1]))) {
+        return NULL;
+    }
+    if (drop) codir_dropout_forward(out->data, a->data, a->numel, p, key);
+    codir_add_forward(out->data, x->data, drop ? out->data : a->data, x->numel);
+    if (rg) {
+        if (!(node = codir__record(ctx, drop ? CODIR__OP_ADD_DROPOUT : CODIR__OP_ADD, out, x, a, NULL))) return NULL;
+        node->scalar = p;
+        node->key = key;
+    }
+    return out;
+}
+
+CODIR_DEF codir_tensor *codir_add_dropout(codir_ctx *ctx, codir_tensor *x, codir_tensor *a, float p)
+{
+    return codir__add_dropout(ctx, x, a, p, 0);
 }
 
 /* Shared body of the [B,T,C] -> [B,C] poolings. */
@@ -4428,7 +4547,7 @@ static codir_tensor *codir__pool(codir_ctx *ctx, codir_tensor *x, const codir_it
     rg = codir__needs_grad(ctx, x, NULL, NULL);
     shape[0] = x->shape[0];
     shape[1] = x->shape[2];
-    out = codir_tensor_new(ctx, 2, shape, rg);
+    out = codir_tensor_new(ctx, 2, shape, 0);
     if (!out) return NULL;
     if (op == CODIR__OP_SELECT_FIRST)
         codir_select_first_forward(out->data, x->data, x->shape[0], x->shape[1], x->shape[2]);
@@ -4486,7 +4605,7 @@ CODIR_DEF codir_tensor *codir_concat(codir_ctx *ctx, codir_tensor *const *xs, in
     }
     shape[0] = xs[0]->shape[0];
     shape[1] = total;
-    out = codir_tensor_new(ctx, 2, shape, rg);
+    out = codir_tensor_new(ctx, 2, shape, 0);
     if (!out || !codir__concat_run(ctx, xs, count, out, &widths)) return NULL;
     if (rg) {
         list = (codir_tensor **)codir_arena_alloc(&ctx->arena, (size_t)count * sizeof *list);
@@ -4515,7 +4634,7 @@ CODIR_DEF codir_tensor *codir_gather_rows(codir_ctx *ctx, codir_tensor *x, const
     rg = codir__needs_grad(ctx, x, NULL, NULL);
     shape[0] = count;
     shape[1] = C;
-    out = codir_tensor_new(ctx, 2, shape, rg);
+    out = codir_tensor_new(ctx, 2, shape, 0);
     if (!out) return NULL;
     codir_gather_rows_forward(out->data, x->data, rows, count, C);
     if (rg) {
@@ -4538,7 +4657,7 @@ CODIR_DEF codir_tensor *codir_l2_normalize(codir_ctx *ctx, codir_tensor *x)
     C = x->shape[x->ndim - 1];
     N = (int)(x->numel / (size_t)(C ? C : 1));
     rg = codir__needs_grad(ctx, x, NULL, NULL);
-    out = codir__new_like(ctx, x, C, rg);
+    out = codir__new_like(ctx, x, C);
     norm = codir__scratch(ctx, (size_t)N);
     if (!out || !norm) return NULL;
     codir_l2_normalize_forward(out->data, norm, x->data, N, C, CODIR__NORMALIZE_EPS);
@@ -4565,7 +4684,7 @@ CODIR_DEF codir_tensor *codir_cross_entropy(codir_ctx *ctx, codir_tensor *logits
             return codir__op_error(ctx, CODIR_ERR_INVALID,
                                    "cross-entropy: label %d of row %d is outside 0..%d", targets->data[i], i, V - 1);
     rg = codir__needs_grad(ctx, logits, NULL, NULL);
-    out = codir__new_scalar(ctx, rg);
+    out = codir__new_scalar(ctx);
     probs = codir__scratch(ctx, logits->numel);
     if (!out || !probs) return NULL;
     out->data[0] = (float)codir_cross_entropy_forward(probs, logits->data, targets->data, N, V);
@@ -4584,7 +4703,7 @@ CODIR_DEF codir_tensor *codir_mse(codir_ctx *ctx, codir_tensor *pred, const floa
     int rg;
     if (!pred || !target) return codir__op_failed(ctx, ctx->status ? ctx->status : CODIR_ERR_INVALID);
     rg = codir__needs_grad(ctx, pred, NULL, NULL);
-    out = codir__new_scalar(ctx, rg);
+    out = codir__new_scalar(ctx);
     if (!out) return NULL;
     out->data[0] = (float)codir_mse_forward(pred->data, target, (int)pred->numel);
     if (rg) {
@@ -4609,7 +4728,7 @@ CODIR_DEF codir_tensor *codir_kl_div(codir_ctx *ctx, codir_tensor *student, codi
     V = student->shape[student->ndim - 1];
     N = (int)(student->numel / (size_t)(V ? V : 1));
     rg = codir__needs_grad(ctx, student, NULL, NULL);
-    out = codir__new_scalar(ctx, rg);
+    out = codir__new_scalar(ctx);
     ps = codir__scratch(ctx, student->numel);
     pt = codir__scratch(ctx, student->numel);
     if (!out || !ps || !pt) return NULL;
@@ -4643,7 +4762,7 @@ CODIR_DEF codir_tensor *codir_infonce(codir_ctx *ctx, codir_tensor *zs, codir_te
             return codir__op_error(ctx, CODIR_ERR_INVALID, "InfoNCE: negative %d is outside the bank of %d rows",
                                    neg[i], bank_rows);
     rg = codir__needs_grad(ctx, zs, zt, NULL);
-    out = codir__new_scalar(ctx, rg);
+    out = codir__new_scalar(ctx);
     probs = codir__scratch(ctx, (size_t)B * (size_t)(K + 1));
     if (!out || !probs) return NULL;
     out->data[0] = (float)codir_infonce_forward(probs, zs->data, zt->data, bank, neg, B, D, K, tau);
@@ -4681,7 +4800,7 @@ CODIR_DEF codir_tensor *codir_nce(codir_ctx *ctx, codir_tensor *anchor, const fl
                                    bank_rows);
     log_c = log((double)K / (double)num_data);
     rg = codir__needs_grad(ctx, anchor, NULL, NULL);
-    out = codir__new_scalar(ctx, rg);
+    out = codir__new_scalar(ctx);
     logp = codir__scratch(ctx, (size_t)B * (size_t)(K + 1));
     if (!out || !logp) return NULL;
     out->data[0] = (float)codir_nce_forward(logp, anchor->data, bank, idx, B, D, K, tau, log_z, log_c);
@@ -4710,7 +4829,7 @@ CODIR_DEF codir_tensor *codir_weighted_sum(codir_ctx *ctx, codir_tensor *const *
             return codir__op_error(ctx, CODIR_ERR_INVALID, "weighted sum: term %d is not a scalar", i);
         if (terms[i]) rg |= codir__needs_grad(ctx, terms[i], NULL, NULL);
     }
-    out = codir__new_scalar(ctx, rg);
+    out = codir__new_scalar(ctx);
     list = (codir_tensor **)codir_arena_alloc(&ctx->arena, (size_t)(count ? count : 1) * sizeof *list);
     w = codir__scratch(ctx, (size_t)(count ? count : 1));
     if (!out || !list || !w) return codir__op_failed(ctx, ctx->status ? ctx->status : CODIR_ERR_NOMEM);
@@ -4748,8 +4867,27 @@ static int codir__node_backward(codir_ctx *ctx, const codir_node *n)
         return codir_linear_backward(ctx->gemm, dx, y->grad, z ? z->grad : NULL, out->grad, x->data, y->data,
                                      codir__rows(x), C, OC);
     }
+    case CODIR__OP_GELU_LINEAR: {
+        /* g = GELU(x) again for the weight gradient; then the same buffer takes
+           dg = dL/dg for GELU's backward, so the op needs one [N, F] scratch. */
+        int C = x->shape[x->ndim - 1], OC = y->shape[0], N = codir__rows(x), rc;
+        float *g = codir__scratch(ctx, x->numel);
+        if (!g) return ctx->status ? ctx->status : CODIR_ERR_NOMEM;
+        codir_gelu_forward(g, x->data, x->numel);
+        rc = codir_linear_backward(ctx->gemm, NULL, y->grad, z ? z->grad : NULL, out->grad, g, y->data, N, C, OC);
+        if (rc || !dx) return rc;
+        memset(g, 0, x->numel * sizeof(float));
+        rc = codir_linear_backward(ctx->gemm, g, NULL, NULL, out->grad, x->data, y->data, N, C, OC);
+        if (rc) return rc;
+        codir_gelu_backward(dx, x->data, g, x->numel);
+        break;
+    }
     case CODIR__OP_ADD:
         codir_add_backward(dx, y->grad, out->grad, out->numel);
+        break;
+    case CODIR__OP_ADD_DROPOUT:
+        codir_add_backward(dx, NULL, out->grad, out->numel);
+        if (y->grad) codir_dropout_backward(y->grad, out->grad, out->numel, n->scalar, n->key);
         break;
     case CODIR__OP_LAYERNORM: {
         int C = x->shape[x->ndim - 1];
@@ -4843,23 +4981,140 @@ static int codir__node_backward(codir_ctx *ctx, const codir_node *n)
     return CODIR_OK;
 }
 
+/* Input slot k of node n: in[0..2], then the concat inputs or sum terms. Returns the
+   tensor when it is an op output (one whose gradient the walk manages), else NULL. */
+static codir_tensor *codir__node_input(const codir_node *n, int k)
+{
+    codir_tensor *t = k < 3 ? n->in[k] : n->list[k - 3];
+    return t && t->node ? t : NULL;
+}
+
+/* A gradient buffer alive in the pool during the backward walk: [begin, end) bytes. */
+typedef struct codir__span {
+    size_t begin, end;
+    int node;
+} codir__span;
+
+/* Places `bytes` at the lowest offset where they fit between the live spans (first
+   fit), keeps spans sorted by offset and returns the offset. */
+static size_t codir__pool_place(codir__span *live, int *count, size_t bytes, int node, size_t *top)
+{
+    size_t at = 0;
+    int k;
+    for (k = 0; k < *count; k++) {
+        if (live[k].begin - at >= bytes) break;
+        at = live[k].end;
+    }
+    memmove(live + k + 1, live + k, (size_t)(*count - k) * sizeof *live);
+    live[k].begin = at;
+    live[k].end = at + bytes;
+    live[k].node = node;
+    (*count)++;
+    if (at + bytes > *top) *top = at + bytes;
+    return at;
+}
+
+static void codir__pool_release(codir__span *live, int *count, int node)
+{
+    int k;
+    for (k = 0; k < *count; k++)
+        if (live[k].node == node) {
+            memmove(live + k, live + k + 1, (size_t)(*count - k - 1) * sizeof *live);
+            (*count)--;
+            return;
+        }
+}
+
+/* Bytes of an op output's gradient, rounded to the arena's alignment. */
+static size_t codir__grad_bytes(const codir_tensor *t)
+{
+    return (t->numel * sizeof(float) + CODIR__ALIGN - 1) / CODIR__ALIGN * CODIR__ALIGN;
+}
+
+CODIR_DEF void codir_retain_grad(codir_tensor *t)
+{
+    if (t && t->node) t->retain_grad = 1;
+}
+
 CODIR_DEF int codir_backward_scaled(codir_ctx *ctx, codir_tensor *loss, float seed)
 {
-    int i, rc;
+    codir_arena_pos mark, node_mark;
+    codir__span *live;
+    size_t *offset, top = 0;
+    unsigned char *used;
+    char *pool;
+    int i, k, num_live = 0, n = ctx->tape_len, rc = CODIR_OK;
     if (ctx->status) return codir__fail(ctx->status, "backward after a failed forward op: %s", codir_last_error());
-    if (!loss || !loss->grad || loss->numel != 1)
-        return codir__fail(CODIR_ERR_INVALID, "backward needs a scalar loss recorded with a gradient");
+    if (!loss || loss->numel != 1 || !loss->node || loss->node > n || ctx->tape[loss->node - 1].out != loss)
+        return codir__fail(CODIR_ERR_INVALID, "backward needs a scalar loss recorded on this context's tape");
 
-    /* Intermediate gradients start from zero on every backward pass; only parameter
-       gradients, which are not node outputs, accumulate across passes. */
-    for (i = 0; i < ctx->tape_len; i++)
-        memset(ctx->tape[i].out->grad, 0, ctx->tape[i].out->numel * sizeof(float));
-    loss->grad[0] = seed;
-    for (i = ctx->tape_len - 1; i >= 0; i--) {
-        rc = codir__node_backward(ctx, &ctx->tape[i]);
-        if (rc) return rc;
+    /* Retained gradients are allocated once and outlive the pool; like every op
+       output's gradient they restart from zero on each pass. */
+    for (i = 0; i < n; i++) {
+        codir_tensor *t = ctx->tape[i].out;
+        if (!t->retain_grad) continue;
+        if (!t->grad && !(t->grad = (float *)codir_arena_alloc(&ctx->arena, codir__grad_bytes(t))))
+            return ctx->status = CODIR_ERR_NOMEM;
+        memset(t->grad, 0, t->numel * sizeof(float));
     }
-    return CODIR_OK;
+
+    /* Pass 1 plays the walk without running it. A node runs when its output has a
+       gradient; that gradient lives from the step of the last node that reads the
+       output (the first to run) down to the node's own step. */
+    mark = codir_arena_mark(&ctx->arena);
+    offset = (size_t *)codir_arena_alloc(&ctx->arena, (size_t)n * sizeof *offset);
+    used = (unsigned char *)codir_arena_alloc(&ctx->arena, (size_t)n);
+    live = (codir__span *)codir_arena_alloc(&ctx->arena, (size_t)(n + 1) * sizeof *live);
+    if (!offset || !used || !live) {
+        codir_arena_rewind(&ctx->arena, mark);
+        return ctx->status = CODIR_ERR_NOMEM;
+    }
+    memset(used, 0, (size_t)n);
+    used[loss->node - 1] = 1;
+    if (!loss->retain_grad) offset[loss->node - 1] = codir__pool_place(live, &num_live, codir__grad_bytes(loss), loss->node, &top);
+    for (i = n - 1; i >= 0; i--) {
+        if (!used[i]) continue;
+        for (k = 0; k < 3 + ctx->tape[i].count; k++) {
+            codir_tensor *t = codir__node_input(&ctx->tape[i], k);
+            if (!t || used[t->node - 1]) continue;
+            used[t->node - 1] = 1;
+            if (!t->retain_grad) offset[t->node - 1] = codir__pool_place(live, &num_live, codir__grad_bytes(t), t->node, &top);
+        }
+        codir__pool_release(live, &num_live, i + 1);
+    }
+
+    /* Pass 2 runs it: a gradient buffer is zeroed where pass 1 placed it when its
+       first writer runs and dropped after its own node's step. */
+    pool = (char *)codir_arena_alloc(&ctx->arena, top ? top : 1);
+    if (!pool) {
+        codir_arena_rewind(&ctx->arena, mark);
+        return ctx->status = CODIR_ERR_NOMEM;
+    }
+    for (i = 0; i < n; i++) used[i] = 0;
+    if (!loss->retain_grad) loss->grad = (float *)(pool + offset[loss->node - 1]);
+    loss->grad[0] = seed;
+    used[loss->node - 1] = 1;
+    node_mark = codir_arena_mark(&ctx->arena);
+    for (i = n - 1; i >= 0 && !rc; i--) {
+        codir_node *node = &ctx->tape[i];
+        if (!used[i]) continue;
+        for (k = 0; k < 3 + node->count; k++) {
+            codir_tensor *t = codir__node_input(node, k);
+            if (!t || used[t->node - 1]) continue;
+            used[t->node - 1] = 1;
+            if (!t->retain_grad) {
+                t->grad = (float *)(pool + offset[t->node - 1]);
+                memset(t->grad, 0, t->numel * sizeof(float));
+            }
+        }
+        rc = codir__node_backward(ctx, node);
+        if (!node->out->retain_grad) node->out->grad = NULL;
+        codir_arena_rewind(&ctx->arena, node_mark); /* the node's scratch */
+    }
+    for (i = 0; i < n; i++)
+        if (!ctx->tape[i].out->retain_grad) ctx->tape[i].out->grad = NULL;
+    codir_arena_rewind(&ctx->arena, mark);
+    return rc;
 }
 
 CODIR_DEF int codir_backward(codir_ctx *ctx, codir_tensor *loss) { return codir_backward_scaled(ctx, loss, 1.0f); }
@@ -5116,18 +5371,40 @@ static codir_tensor *codir__block_forward(codir_ctx *ctx, const codir_layer *ly,
     a = codir_linear(ctx, x, ly->qkv_w, ly->qkv_b);
     a = codir_attention(ctx, a, mask, cfg->num_heads);
     a = codir_linear(ctx, a, ly->attn_out_w, ly->attn_out_b);
-    a = codir_dropout(ctx, a, cfg->dropout);
-    x = codir_layernorm(ctx, codir_add(ctx, x, a), ly->ln1_gamma, ly->ln1_beta, cfg->ln_eps);
+    x = codir_layernorm(ctx, codir__add_dropout(ctx, x, a, cfg->dropout, 1), ly->ln1_gamma, ly->ln1_beta, cfg->ln_eps);
 
     /* feed-forward sub-block */
-    h = codir_gelu(ctx, codir_linear(ctx, x, ly->ffn_up_w, ly->ffn_up_b));
-    h = codir_linear(ctx, h, ly->ffn_down_w, ly->ffn_down_b);
-    h = codir_dropout(ctx, h, cfg->dropout);
-    return codir_layernorm(ctx, codir_add(ctx, x, h), ly->ln2_gamma, ly->ln2_beta, cfg->ln_eps);
+    h = codir_linear(ctx, x, ly->ffn_up_w, ly->ffn_up_b);
+    h = codir_gelu_linear(ctx, h, ly->ffn_down_w, ly->ffn_down_b);
+    return codir_layernorm(ctx, codir__add_dropout(ctx, x, h, cfg->dropout, 1), ly->ln2_gamma, ly->ln2_beta, cfg->ln_eps);
 }
 
-CODIR_DEF int codir_model_forward(codir_ctx *ctx, const codir_model *model, const codir_batch *batch,
-                                  codir_output *out)
+/* The last block for the first token only. Keys and values need every token, and the
+   attention runs for all of them (a few percent of the block); everything after it
+   runs on [B, C]. The result is viewed as [B, 1, C] for the classification head. */
+static codir_tensor *codir__block_forward_first(codir_ctx *ctx, const codir_layer *ly, const codir_config *cfg,
+                                                codir_tensor *x, const codir_itensor *mask)
+{
+    codir_tensor *a, *h, *x0, *y;
+    a = codir_linear(ctx, x, ly->qkv_w, ly->qkv_b);
+    a = codir_select_first(ctx, codir_attention(ctx, a, mask, cfg->num_heads));
+    a = codir_linear(ctx, a, ly->attn_out_w, ly->attn_out_b);
+    x0 = codir_select_first(ctx, x);
+    x0 = codir_layernorm(ctx, codir__add_dropout(ctx, x0, a, cfg->dropout, 1), ly->ln1_gamma, ly->ln1_beta, cfg->ln_eps);
+    h = codir_linear(ctx, x0, ly->ffn_up_w, ly->ffn_up_b);
+    h = codir_gelu_linear(ctx, h, ly->ffn_down_w, ly->ffn_down_b);
+    y = codir_layernorm(ctx, codir__add_dropout(ctx, x0, h, cfg->dropout, 1), ly->ln2_gamma, ly->ln2_beta, cfg->ln_eps);
+    if (y) {
+        y->ndim = 3;
+        y->shape[1] = 1;
+        y->shape[2] = cfg->hidden;
+    }
+    return y;
+}
+
+/* Shared body of codir_model_forward (first_only 0) and codir_model_logits (1). */
+static int codir__model_forward(codir_ctx *ctx, const codir_model *model, const codir_batch *batch,
+                                codir_output *out, int first_only)
 {
     const codir_config *cfg = &model->cfg;
     codir_tensor *x, *cls;
@@ -5144,7 +5421,28 @@ CODIR_DEF int codir_model_forward(codir_ctx *ctx, const codir_model *model, cons
     out->hidden[0] = x;
 
     for (l = 0; l < L; l++) {
-        x = codir__block_forward(ctx, &model->layers[l], cfg, x, &batch->mask);
+        int first = first_only && l == L - 1;
+        if (ctx->recording || !x) {
+            x = first ? codir__block_forward_first(ctx, &model->layers[l], cfg, x, &batch->mask)
+                      : codir__block_forward(ctx, &model->layers[l], cfg, x, &batch->mask);
+        } else {
+            /* Without a tape nothing reads a block's intermediate values again: keep
+               its output and give the rest back, so the pass needs one block's worth. */
+            int shape[3];
+            codir_tensor *kept, *y;
+            codir_arena_pos mark;
+            shape[0] = x->shape[0];
+            shape[1] = first ? 1 : x->shape[1];
+            shape[2] = cfg->hidden;
+            kept = codir_tensor_new(ctx, 3, shape, 0);
+            mark = codir_arena_mark(&ctx->arena);
+            y = !kept ? NULL
+                : first ? codir__block_forward_first(ctx, &model->layers[l], cfg, x, &batch->mask)
+                        : codir__block_forward(ctx, &model->layers[l], cfg, x, &batch->mask);
+            if (y) memcpy(kept->data, y->data, kept->numel * sizeof(float));
+            codir_arena_rewind(&ctx->arena, mark);
+            x = y ? kept : NULL;
+        }
         out->hidden[l + 1] = x;
     }
 
@@ -5155,6 +5453,18 @@ CODIR_DEF int codir_model_forward(codir_ctx *ctx, const codir_model *model, cons
     out->logits = codir_linear(ctx, cls, model->cls_w, model->cls_b);
     if (!out->logits) return ctx->status ? ctx->status : CODIR_ERR_INVALID;
     return CODIR_OK;
+}
+
+CODIR_DEF int codir_model_forward(codir_ctx *ctx, const codir_model *model, const codir_batch *batch,
+                                  codir_output *out)
+{
+    return codir__model_forward(ctx, model, batch, out, 0);
+}
+
+CODIR_DEF int codir_model_logits(codir_ctx *ctx, const codir_model *model, const codir_batch *batch,
+                                 codir_output *out)
+{
+    return codir__model_forward(ctx, model, batch, out, 1);
 }
 
 CODIR_DEF codir_tensor *codir_mlm_logits(codir_ctx *ctx, const codir_model *model, codir_tensor *hidden,
@@ -7077,6 +7387,11 @@ CODIR_DEF codir_distiller *codir_distiller_create(const codir_distill_config *cf
     float a;
     uint64_t rng = seed;
     if (codir__distill_check(cfg, student, teacher, num_examples)) return NULL;
+    if (!labels) {
+        codir__fail(CODIR_ERR_INVALID, "codir_distiller_create needs the %d training labels, which negative sampling "
+                    "reads; pass an array of zeros for regression", num_examples);
+        return NULL;
+    }
     if (!codir__size_mul((size_t)num_examples, (size_t)D, &bank_n) || bank_n > SIZE_MAX / sizeof(float) / 2) {
         codir__fail(CODIR_ERR_OVERFLOW, "memory bank of %d x %d overflows size_t", num_examples, D);
         return NULL;
@@ -7520,29 +7835,120 @@ CODIR_DEF void codir_adamw_free(codir_adamw *opt)
     memset(opt, 0, sizeof *opt);
 }
 
+/* The constants of one AdamW update of one tensor. */
+typedef struct codir__adamw_consts {
+    float decay, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, bc2_sqrt, eps;
+} codir__adamw_consts;
+
+/* The update of n values:
+       p = p * decay;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g g;
+       p = p - step_size m / (sqrt(v) / bc2_sqrt + eps)
+   Compilers leave this loop scalar, because sqrtf may set errno. The SIMD versions
+   below do the same operations in the same order, each correctly rounded, so every
+   version gives the same bits. */
+static void codir__adamw_scalar(float *p, const float *g, float *m, float *v, size_t n, const codir__adamw_consts *c)
+{
+    size_t k;
+    for (k = 0; k < n; k++) {
+        p[k] *= c->decay;
+        m[k] = c->beta1 * m[k] + c->one_minus_beta1 * g[k];
+        v[k] = c->beta2 * v[k] + c->one_minus_beta2 * g[k] * g[k];
+        p[k] -= c->step_size * m[k] / (sqrtf(v[k]) / c->bc2_sqrt + c->eps);
+    }
+}
+
+#if defined(CODIR__SIMD_AVX512)
+CODIR__SIMD_TARGET_AVX512 static void codir__adamw_avx512(float *p, const float *g, float *m, float *v, size_t n,
+                                                          const codir__adamw_consts *c)
+{
+    const __m512 decay = _mm512_set1_ps(c->decay), b1 = _mm512_set1_ps(c->beta1), b2 = _mm512_set1_ps(c->beta2);
+    const __m512 c1 = _mm512_set1_ps(c->one_minus_beta1), c2 = _mm512_set1_ps(c->one_minus_beta2);
+    const __m512 ss = _mm512_set1_ps(c->step_size), bc = _mm512_set1_ps(c->bc2_sqrt), eps = _mm512_set1_ps(c->eps);
+    size_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        __m512 gk = _mm512_loadu_ps(g + k), pk = _mm512_mul_ps(_mm512_loadu_ps(p + k), decay);
+        __m512 mk = _mm512_add_ps(_mm512_mul_ps(b1, _mm512_loadu_ps(m + k)), _mm512_mul_ps(c1, gk));
+        __m512 vk = _mm512_add_ps(_mm512_mul_ps(b2, _mm512_loadu_ps(v + k)), _mm512_mul_ps(_mm512_mul_ps(c2, gk), gk));
+        __m512 den = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vk), bc), eps);
+        _mm512_storeu_ps(m + k, mk);
+        _mm512_storeu_ps(v + k, vk);
+        _mm512_storeu_ps(p + k, _mm512_sub_ps(pk, _mm512_div_ps(_mm512_mul_ps(ss, mk), den)));
+    }
+    codir__adamw_scalar(p + k, g + k, m + k, v + k, n - k, c);
+}
+#endif
+
+#if defined(CODIR__SIMD_AVX2)
+CODIR__SIMD_TARGET_AVX2 static void codir__adamw_avx2(float *p, const float *g, float *m, float *v, size_t n,
+                                                      const codir__adamw_consts *c)
+{
+    const __m256 decay = _mm256_set1_ps(c->decay), b1 = _mm256_set1_ps(c->beta1), b2 = _mm256_set1_ps(c->beta2);
+    const __m256 c1 = _mm256_set1_ps(c->one_minus_beta1), c2 = _mm256_set1_ps(c->one_minus_beta2);
+    const __m256 ss = _mm256_set1_ps(c->step_size), bc = _mm256_set1_ps(c->bc2_sqrt), eps = _mm256_set1_ps(c->eps);
+    size_t k = 0;
+    for (; k + 8 <= n; k += 8) {
+        __m256 gk = _mm256_loadu_ps(g + k), pk = _mm256_mul_ps(_mm256_loadu_ps(p + k), decay);
+        __m256 mk = _mm256_add_ps(_mm256_mul_ps(b1, _mm256_loadu_ps(m + k)), _mm256_mul_ps(c1, gk));
+        __m256 vk = _mm256_add_ps(_mm256_mul_ps(b2, _mm256_loadu_ps(v + k)), _mm256_mul_ps(_mm256_mul_ps(c2, gk), gk));
+        __m256 den = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vk), bc), eps);
+        _mm256_storeu_ps(m + k, mk);
+        _mm256_storeu_ps(v + k, vk);
+        _mm256_storeu_ps(p + k, _mm256_sub_ps(pk, _mm256_div_ps(_mm256_mul_ps(ss, mk), den)));
+    }
+    codir__adamw_scalar(p + k, g + k, m + k, v + k, n - k, c);
+}
+#endif
+
+/* The widest version this build and CPU run. */
+static void codir__adamw_update(float *p, const float *g, float *m, float *v, size_t n, const codir__adamw_consts *c)
+{
+#if defined(CODIR__SIMD_RUNTIME_DISPATCH)
+    if (__builtin_cpu_supports("avx512f")) {
+        codir__adamw_avx512(p, g, m, v, n, c);
+        return;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        codir__adamw_avx2(p, g, m, v, n, c);
+        return;
+    }
+#elif defined(CODIR__SIMD_AVX512)
+    codir__adamw_avx512(p, g, m, v, n, c);
+    return;
+#elif defined(CODIR__SIMD_AVX2)
+    codir__adamw_avx2(p, g, m, v, n, c);
+    return;
+#endif
+    codir__adamw_scalar(p, g, m, v, n, c);
+}
+
 CODIR_DEF void codir_adamw_step(codir_adamw *opt, codir_params *params, float lr)
 {
     int i;
     double bc1, bc2;
-    float step_size, bc2_sqrt;
+    codir__adamw_consts c;
     opt->step++;
 
     /* torch.optim.AdamW: p -= lr * wd * p; m, v updated; p -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps) */
     bc1 = 1.0 - pow((double)opt->beta1, (double)opt->step);
     bc2 = 1.0 - pow((double)opt->beta2, (double)opt->step);
-    step_size = (float)(lr / bc1);
-    bc2_sqrt = (float)sqrt(bc2);
+    c.beta1 = opt->beta1;
+    c.beta2 = opt->beta2;
+    c.one_minus_beta1 = 1.0f - opt->beta1;
+    c.one_minus_beta2 = 1.0f - opt->beta2;
+    c.step_size = (float)(lr / bc1);
+    c.bc2_sqrt = (float)sqrt(bc2);
+    c.eps = opt->eps;
     for (i = 0; i < params->num_tensors; i++) {
         codir_tensor *t = &params->tensors[i];
-        size_t off = (size_t)(t->data - params->data), k;
-        float decay = t->no_decay ? 1.0f : 1.0f - lr * opt->weight_decay;
+        size_t off = (size_t)(t->data - params->data);
+        long block, blocks = (long)((t->numel + CODIR__VEC_BLOCK - 1) / CODIR__VEC_BLOCK);
         float *p = t->data, *g = t->grad, *m = opt->m + off, *v = opt->v + off;
+        codir__adamw_consts ct = c;
+        ct.decay = t->no_decay ? 1.0f : 1.0f - lr * opt->weight_decay;
         CODIR__OMP_FOR(8 * t->numel)
-        for (k = 0; k < t->numel; k++) {
-            p[k] *= decay;
-            m[k] = opt->beta1 * m[k] + (1.0f - opt->beta1) * g[k];
-            v[k] = opt->beta2 * v[k] + (1.0f - opt->beta2) * g[k] * g[k];
-            p[k] -= step_size * m[k] / (sqrtf(v[k]) / bc2_sqrt + opt->eps);
+        for (block = 0; block < blocks; block++) {
+            size_t lo = (size_t)block * CODIR__VEC_BLOCK, n = t->numel - lo < CODIR__VEC_BLOCK ? t->numel - lo : CODIR__VEC_BLOCK;
+            codir__adamw_update(p + lo, g + lo, m + lo, v + lo, n, &ct);
         }
     }
 }
@@ -10114,7 +10520,7 @@ CODIR_DEF int codir_task_accumulate(codir_ctx *ctx, codir_model *model, const co
     int rc;
 
     codir_ctx_begin(ctx, 1, 1, step);
-    rc = codir_model_forward(ctx, model, batch, &out);
+    rc = codir_model_logits(ctx, model, batch, &out);
     if (rc) return rc;
     loss = codir__task_loss(ctx, model, out.logits, batch);
     if (!loss) return ctx->status;
@@ -10182,7 +10588,8 @@ static int codir__distill_backward(codir_ctx *ctx, codir_model *student, const c
         if (weights[2] != 0.0f) t_features = codir_tensor_new(ctx, 2, shape, 0);
         if (!t_logits || (weights[2] != 0.0f && !t_features)) return ctx->status ? ctx->status : CODIR_ERR_NOMEM;
         mark = codir_arena_mark(&ctx->arena);
-        rc = codir_model_forward(ctx, teacher, batch, &t_out);
+        rc = weights[2] != 0.0f ? codir_model_forward(ctx, teacher, batch, &t_out)
+                                : codir_model_logits(ctx, teacher, batch, &t_out);
         if (rc) return rc;
         memcpy(t_logits->data, t_out.logits->data, t_logits->numel * sizeof(float));
         if (weights[2] != 0.0f) {
@@ -10200,7 +10607,8 @@ static int codir__distill_backward(codir_ctx *ctx, codir_model *student, const c
     /* 2. The student with dropout, recorded for backward. */
     ctx->recording = 1;
     ctx->training = 1;
-    rc = codir_model_forward(ctx, student, batch, &s_out);
+    rc = weights[2] != 0.0f ? codir_model_forward(ctx, student, batch, &s_out)
+                            : codir_model_logits(ctx, student, batch, &s_out);
     if (rc) return rc;
 
     /* 3. L = (1 - beta) L_task + beta L_kd + lambda L_crd, each a batch mean. L_kd is
@@ -10362,7 +10770,7 @@ CODIR_DEF codir_teacher_cache *codir_teacher_cache_build(codir_ctx *ctx, const c
         rc = codir_batch_fill(&batch, enc, order, start, n);
         if (rc) break;
         codir_ctx_begin(ctx, 0, 0, 0);
-        rc = codir_model_forward(ctx, teacher, &batch, &out);
+        rc = c->feature_dim ? codir_model_forward(ctx, teacher, &batch, &out) : codir_model_logits(ctx, teacher, &batch, &out);
         if (!rc && c->feature_dim) {
             ft = codir__teacher_features(ctx, d, &out, &batch);
             if (!ft) rc = ctx->status ? ctx->status : CODIR_ERR_INVALID;
@@ -10408,7 +10816,7 @@ CODIR_DEF int codir_predict(codir_ctx *ctx, const codir_model *model, const codi
         rc = codir_batch_fill(&batch, enc, NULL, start, n);
         if (rc) break;
         codir_ctx_begin(ctx, 0, 0, 0);
-        rc = codir_model_forward(ctx, model, &batch, &o);
+        rc = codir_model_logits(ctx, model, &batch, &o);
         if (!rc) memcpy(out + (size_t)start * V, o.logits->data, (size_t)n * V * sizeof(float));
     }
     codir_batch_free(&batch);

@@ -918,7 +918,7 @@ typedef struct distill_case {
 
 enum {
     DC_BETA, DC_TEMPERATURE, DC_LAMBDA, DC_TAU, DC_NEGATIVES, DC_PROJ_DIM, DC_MOMENTUM, DC_MODE, DC_POOLING,
-    DC_MARGIN, DC_NEG_FROM, DC_NCE_NEGATIVES, DC_EXAMPLES, DC_STUDENT_LABELS, DC_LAYER_MAP, DC_NEG_LABEL
+    DC_MARGIN, DC_NEG_FROM, DC_NCE_NEGATIVES, DC_EXAMPLES, DC_STUDENT_LABELS, DC_LAYER_MAP, DC_NULL_LABELS, DC_NEG_LABEL
 };
 
 /* 10 training examples; the base uses InfoNCE, K = 3 and projection size 4. */
@@ -953,6 +953,7 @@ static const distill_case distill_cases[] = {
     {"label counts differ", DC_STUDENT_LABELS, 3, "student has 3 labels but teacher has 2"},
     {"layer map past the teacher", DC_LAYER_MAP, 5, "layer map: student layer 2 maps to teacher layer 5, outside 1..4"},
     {"layer map 0", DC_LAYER_MAP, 0, "layer map: student layer 2 maps to teacher layer 0, outside 1..4"},
+    {"no label array", DC_NULL_LABELS, 0, "codir_distiller_create needs the 10 training labels"},
     {"negative training label", DC_NEG_LABEL, -1, "training label -1 of example 4 is negative"},
 };
 
@@ -999,10 +1000,11 @@ static void test_distiller_catalogue(void)
             map[1] = (int)c->value;
             cfg.layer_map = map;
             break;
+        case DC_NULL_LABELS: break;
         default: labels[4] = (int)c->value; break;
         }
         codir_clear_error();
-        d = codir_distiller_create(&cfg, &s, &teacher, labels, count, 1);
+        d = codir_distiller_create(&cfg, &s, &teacher, c->field == DC_NULL_LABELS ? NULL : labels, count, 1);
         labels[4] = saved_label;
         CHECK(d == NULL, "%s: the distiller was created", c->name);
         CHECK_REASON(c->name, NULL, c->expected);

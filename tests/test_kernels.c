@@ -2247,6 +2247,271 @@ static void test_autograd_seed_scaling(void) { on_both_graphs(check_seed_scaling
 static void test_autograd_double_backward(void) { on_both_graphs(check_double_backward); }
 static void test_autograd_no_recording(void) { on_both_graphs(check_no_recording); }
 
+/* ---- AdamW ---- */
+
+/* Three AdamW steps on tensors of 37 (decayed) and 5 (not decayed) values, sizes that
+   leave a tail after the 16- and 8-wide SIMD loops, against torch.optim.AdamW's
+   formula in float64. */
+static void test_adamw_against_float64(void)
+{
+    codir_param_spec specs[2] = {{"w", 1, {37, 1, 1, 1}, 0}, {"b", 1, {5, 1, 1, 1}, 1}};
+    codir_params params;
+    codir_adamw opt;
+    double p[42], m[42] = {0}, v[42] = {0};
+    unsigned long long rng = 9;
+    const double b1 = 0.9, b2 = 0.98, eps = 1e-6, wd = 0.1, lr = 0.05;
+    size_t k;
+    int step;
+    if (codir_params_init(&params, specs, 2) != CODIR_OK) {
+        CHECK(0, "codir_params_init: %s", codir_last_error());
+        return;
+    }
+    CHECK(codir_adamw_init(&opt, &params, 0.9f, 0.98f, 1e-6f, 0.1f) == CODIR_OK, "init: %s", codir_last_error());
+    for (k = 0; k < params.count; k++) p[k] = params.data[k] = (float)check_uniform(&rng, -1.0, 1.0);
+    for (step = 1; step <= 3; step++) {
+        double bc1 = 1.0 - pow(b1, step), bc2 = 1.0 - pow(b2, step);
+        for (k = 0; k < params.count; k++) {
+            double g = (double)(params.grad[k] = (float)check_uniform(&rng, -2.0, 2.0));
+            if (k < 37) p[k] *= 1.0 - lr * wd;
+            m[k] = b1 * m[k] + (1.0 - b1) * g;
+            v[k] = b2 * v[k] + (1.0 - b2) * g * g;
+            p[k] -= lr / bc1 * m[k] / (sqrt(v[k]) / sqrt(bc2) + eps);
+        }
+        codir_adamw_step(&opt, &params, (float)lr);
+        check_close(label("parameters after AdamW step %d", step), params.data, p, params.count, 1e-6, 1e-5);
+    }
+    codir_adamw_free(&opt);
+    codir_params_free(&params);
+}
+
+/* ---- fused ops, the backward pool and retained gradients ---- */
+
+#define FUSE_N 6
+#define FUSE_C 8
+#define FUSE_OC 5
+
+/* Leaves of the fused-op checks, with gradients, and a regression target. */
+typedef struct fuse_leaves {
+    codir_tensor *x, *a, *w, *b;
+    float target[FUSE_N * FUSE_OC];
+} fuse_leaves;
+
+static int fuse_leaves_new(codir_ctx *ctx, fuse_leaves *f)
+{
+    int sx[2] = {FUSE_N, FUSE_C}, sw[2] = {FUSE_OC, FUSE_C}, sb[1] = {FUSE_OC};
+    unsigned long long rng = 77;
+    size_t i;
+    f->x = codir_tensor_new(ctx, 2, sx, 1);
+    f->a = codir_tensor_new(ctx, 2, sx, 1);
+    f->w = codir_tensor_new(ctx, 2, sw, 1);
+    f->b = codir_tensor_new(ctx, 1, sb, 1);
+    CHECK(f->x && f->a && f->w && f->b, "leaf allocation failed: %s", codir_last_error());
+    if (!f->x || !f->a || !f->w || !f->b) return 0;
+    for (i = 0; i < f->x->numel; i++) f->x->data[i] = (float)check_uniform(&rng, -3.0, 3.0);
+    for (i = 0; i < f->a->numel; i++) f->a->data[i] = (float)check_uniform(&rng, -1.0, 1.0);
+    for (i = 0; i < f->w->numel; i++) f->w->data[i] = (float)check_uniform(&rng, -0.5, 0.5);
+    for (i = 0; i < f->b->numel; i++) f->b->data[i] = (float)check_uniform(&rng, -0.5, 0.5);
+    for (i = 0; i < FUSE_N * FUSE_OC; i++) f->target[i] = (float)check_uniform(&rng, -1.0, 1.0);
+    return 1;
+}
+
+/* loss = mse(linear(gelu(x + dropout(a)))) through the fused ops (fused = 1) or their
+   parts. Copies the output and the four leaf gradients into out[]. */
+static int fuse_run(int fused, int training, float *out, float *grads)
+{
+    codir_ctx ctx;
+    fuse_leaves f;
+    codir_tensor *s, *y, *loss;
+    size_t off = 0;
+    int ok = 0, i;
+    if (!make_ctx(&ctx)) return 0;
+    codir_ctx_begin(&ctx, 1, training, 3);
+    if (!fuse_leaves_new(&ctx, &f)) goto done;
+    if (fused) {
+        s = codir_add_dropout(&ctx, f.x, f.a, 0.25f);
+        y = codir_gelu_linear(&ctx, s, f.w, f.b);
+    } else {
+        s = codir_add(&ctx, f.x, codir_dropout(&ctx, f.a, 0.25f));
+        y = codir_linear(&ctx, codir_gelu(&ctx, s), f.w, f.b);
+    }
+    loss = codir_mse(&ctx, y, f.target);
+    CHECK(loss != NULL, "%s forward failed: %s", fused ? "fused" : "unfused", codir_last_error());
+    if (!loss || codir_backward(&ctx, loss) != CODIR_OK) goto done;
+    memcpy(out, y->data, y->numel * sizeof(float));
+    {
+        codir_tensor *leaves[4] = {f.x, f.a, f.w, f.b};
+        for (i = 0; i < 4; i++) {
+            memcpy(grads + off, leaves[i]->grad, leaves[i]->numel * sizeof(float));
+            off += leaves[i]->numel;
+        }
+    }
+    ok = 1;
+done:
+    codir_ctx_free(&ctx);
+    return ok;
+}
+
+/* codir_add_dropout and codir_gelu_linear give the bits of the ops they fuse, forward
+   and backward, with dropout on and off. */
+static void test_autograd_fused_ops(void)
+{
+    enum { NG = 2 * FUSE_N * FUSE_C + FUSE_OC * FUSE_C + FUSE_OC };
+    float out[2][FUSE_N * FUSE_OC], grads[2][NG];
+    int training, k, bad;
+    for (training = 0; training <= 1; training++) {
+        if (!fuse_run(0, training, out[0], grads[0]) || !fuse_run(1, training, out[1], grads[1])) return;
+        for (k = 0, bad = 0; k < FUSE_N * FUSE_OC; k++) bad += memcmp(&out[0][k], &out[1][k], sizeof(float)) != 0;
+        CHECK(bad == 0, "training %d: %d fused outputs differ from the unfused ops", training, bad);
+        for (k = 0, bad = 0; k < NG; k++) bad += memcmp(&grads[0][k], &grads[1][k], sizeof(float)) != 0;
+        CHECK(bad == 0, "training %d: %d of %d fused gradients differ from the unfused ops", training, bad, NG);
+        for (k = 0, bad = 0; k < NG; k++) bad += grads[1][k] != 0.0f;
+        CHECK(bad > NG / 2, "training %d: only %d of %d gradients are nonzero", training, bad, NG);
+    }
+}
+
+/* A retained op output keeps its gradient, here the closed form 2 (y - target) / n of
+   a mean squared error; the others are NULL after backward. */
+static void test_autograd_retain_grad(void)
+{
+    codir_ctx ctx;
+    fuse_leaves f;
+    codir_tensor *h, *y, *loss;
+    size_t i, n = FUSE_N * FUSE_OC;
+    double want[FUSE_N * FUSE_OC];
+    if (!make_ctx(&ctx)) return;
+    codir_ctx_begin(&ctx, 1, 0, 0);
+    if (!fuse_leaves_new(&ctx, &f)) goto done;
+    h = codir_gelu(&ctx, f.x);
+    y = codir_linear(&ctx, h, f.w, f.b);
+    codir_retain_grad(y);
+    loss = codir_mse(&ctx, y, f.target);
+    CHECK(loss != NULL, "forward failed: %s", codir_last_error());
+    if (!loss) goto done;
+    CHECK(codir_backward(&ctx, loss) == CODIR_OK, "backward failed: %s", codir_last_error());
+    CHECK(h->grad == NULL, "an op output kept its gradient without codir_retain_grad");
+    CHECK(loss->grad == NULL, "the loss kept its gradient without codir_retain_grad");
+    CHECK(y->grad != NULL, "the retained output has no gradient");
+    if (!y->grad) goto done;
+    for (i = 0; i < n; i++) want[i] = 2.0 * ((double)y->data[i] - f.target[i]) / (double)n;
+    check_close("retained gradient", y->grad, want, n, 1e-7, 1e-6);
+    /* A second pass starts the retained gradient from zero again. */
+    CHECK(codir_backward(&ctx, loss) == CODIR_OK, "second backward failed: %s", codir_last_error());
+    check_close("retained gradient after a second pass", y->grad, want, n, 1e-7, 1e-6);
+done:
+    codir_ctx_free(&ctx);
+}
+
+/* Ops whose output does not lead to the loss are skipped: a parameter reached only
+   through a second, unused loss gets no gradient, not even a zero added to NaN. */
+static void test_autograd_skips_dead_branch(void)
+{
+    codir_ctx ctx;
+    fuse_leaves f;
+    codir_tensor *used, *unused;
+    size_t i;
+    if (!make_ctx(&ctx)) return;
+    codir_ctx_begin(&ctx, 1, 0, 0);
+    if (!fuse_leaves_new(&ctx, &f)) goto done;
+    f.a->data[0] = NAN;
+    used = codir_mse(&ctx, codir_linear(&ctx, f.x, f.w, f.b), f.target);
+    unused = codir_mse(&ctx, codir_linear(&ctx, f.a, f.w, NULL), f.target);
+    CHECK(used && unused, "forward failed: %s", codir_last_error());
+    if (!used || !unused) goto done;
+    CHECK(codir_backward(&ctx, used) == CODIR_OK, "backward failed: %s", codir_last_error());
+    for (i = 0; i < f.a->numel; i++)
+        if (f.a->grad[i] != 0.0f) break;
+    CHECK(i == f.a->numel, "the unused branch's input got gradient %g at %zu", (double)f.a->grad[i], i);
+    for (i = 0; i < f.w->numel; i++)
+        if (!isfinite(f.w->grad[i])) break;
+    CHECK(i == f.w->numel, "the unused branch's NaN reached the weight gradient at %zu", i);
+done:
+    codir_ctx_free(&ctx);
+}
+
+/* The backward pool reuses dead gradients: for a 6-block model the arena grows during
+   backward by much less than one gradient per op output would take, and a forward
+   pass without a tape needs about one block beyond the hidden states. */
+static void test_autograd_backward_pool(void)
+{
+    codir_config cfg = codir_config_default();
+    codir_model *m;
+    codir_batch batch;
+    codir_output out;
+    codir_ctx ctx;
+    codir_tensor *loss;
+    size_t after_forward = 0, activations, peak, hidden_bytes, block_bytes, no_tape_peak;
+    int i, B = 4, T = 16;
+    cfg.vocab_size = 50;
+    cfg.max_len = T;
+    cfg.num_layers = 6;
+    cfg.hidden = 32;
+    cfg.num_heads = 4;
+    cfg.ffn = 64;
+    cfg.dropout = 0.1f;
+    m = codir_model_create(&cfg, 5);
+    CHECK(m != NULL, "model: %s", codir_last_error());
+    if (!m) return;
+    if (codir_batch_init(&batch, B, T) || codir_ctx_init(&ctx, 1024, 3)) {
+        CHECK(0, "setup failed: %s", codir_last_error());
+        codir_model_free(m);
+        return;
+    }
+    batch.batch = B;
+    batch.seq = T;
+    for (i = 0; i < B * T; i++) {
+        batch.ids.data[i] = 1 + i % 40;
+        batch.types.data[i] = 0;
+        batch.mask.data[i] = 1;
+    }
+    for (i = 0; i < B; i++) batch.labels.data[i] = i % 2;
+    batch.ids.ndim = batch.types.ndim = batch.mask.ndim = 2;
+    batch.labels.ndim = 1;
+    batch.ids.shape[0] = batch.types.shape[0] = batch.mask.shape[0] = B;
+    batch.ids.shape[1] = batch.types.shape[1] = batch.mask.shape[1] = T;
+    batch.ids.numel = batch.types.numel = batch.mask.numel = (size_t)B * T;
+    batch.labels.shape[0] = B;
+    batch.labels.numel = (size_t)B;
+
+    /* Two steps, so the second runs in one arena block sized by the first. */
+    for (i = 0; i < 2; i++) {
+        codir_ctx_begin(&ctx, 1, 1, (uint64_t)i);
+        CHECK(codir_model_forward(&ctx, m, &batch, &out) == CODIR_OK, "forward: %s", codir_last_error());
+        loss = codir_cross_entropy(&ctx, out.logits, &batch.labels);
+        if (!loss) break;
+        after_forward = ctx.arena.used + ctx.arena.extra_used;
+        CHECK(codir_backward(&ctx, loss) == CODIR_OK, "backward: %s", codir_last_error());
+    }
+    /* A recorded block keeps qkv 3C, the attention probabilities NH*T, the attention
+       output C, two residual sums 2C (each written over its linear output), two
+       LayerNorm outputs 2C and the FFN's inner F values per token; the embeddings keep
+       3C. Gradient buffers made in the forward pass would double that. */
+    activations = ((size_t)cfg.num_layers * (8 * cfg.hidden + cfg.ffn + cfg.num_heads * T) + 3 * cfg.hidden) *
+                  (size_t)B * T * sizeof(float);
+    CHECK(after_forward < activations + activations / 4,
+          "the forward pass took %zu arena bytes for %zu bytes of activations", after_forward, activations);
+    peak = codir_arena_peak(&ctx.arena);
+    CHECK(peak - after_forward < after_forward / 4,
+          "backward took %zu arena bytes beyond the %zu of the forward pass; a gradient per activation would take about as many",
+          peak - after_forward, after_forward);
+
+    /* Without a tape: hidden states plus one block's work. */
+    codir_ctx_free(&ctx);
+    codir_ctx_init(&ctx, 1024, 3);
+    for (i = 0; i < 2; i++) {
+        codir_ctx_begin(&ctx, 0, 0, 0);
+        CHECK(codir_model_forward(&ctx, m, &batch, &out) == CODIR_OK, "forward: %s", codir_last_error());
+    }
+    no_tape_peak = codir_arena_peak(&ctx.arena);
+    hidden_bytes = (size_t)(cfg.num_layers + 1) * B * T * cfg.hidden * sizeof(float);
+    block_bytes = after_forward / (size_t)cfg.num_layers;
+    CHECK(no_tape_peak < hidden_bytes + 2 * block_bytes,
+          "a forward pass without a tape peaked at %zu arena bytes; hidden states take %zu and a recorded block %zu",
+          no_tape_peak, hidden_bytes, block_bytes);
+    codir_ctx_free(&ctx);
+    codir_batch_free(&batch);
+    codir_model_free(m);
+}
+
 /* ---- invalid inputs ---- */
 
 static void check_error_names(const char *what, const char *value)
@@ -2494,6 +2759,11 @@ const test_case tests_kernels[] = {
     {"autograd seed 0.25 scales exactly", test_autograd_seed_scaling},
     {"autograd two backward passes double", test_autograd_double_backward},
     {"autograd no recording", test_autograd_no_recording},
+    {"adamw three steps against float64", test_adamw_against_float64},
+    {"autograd fused ops match their parts", test_autograd_fused_ops},
+    {"autograd retain_grad", test_autograd_retain_grad},
+    {"autograd skips ops off the loss path", test_autograd_skips_dead_branch},
+    {"autograd backward pool and no-tape forward", test_autograd_backward_pool},
     {"autograd bad token id", test_autograd_bad_token},
     {"autograd bad label", test_autograd_bad_label},
     {"autograd bad head count", test_autograd_bad_heads},

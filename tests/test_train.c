@@ -1710,7 +1710,74 @@ done:
 static void test_evaluate_two_classes(void) { check_evaluate_classes(2, 42); }
 static void test_evaluate_three_classes(void) { check_evaluate_classes(3, 43); }
 
+/* codir_model_logits against codir_model_forward: the same logits and first-token
+   hidden state without dropout, and the same parameter gradients of the task loss. */
+static void test_logits_only_forward(void)
+{
+    codir_config cfg = train_config(2, 8, 3, 0, 0.0f);
+    toy_data toy;
+    codir_model *m;
+    codir_batch batch;
+    codir_ctx ctx;
+    codir_output full, first;
+    codir_tensor *loss;
+    float *grad_full = NULL;
+    double *want = NULL;
+    size_t i, nl;
+    int B = 4, b, c, L = cfg.num_layers, T;
+    toy_init(&toy, 3);
+    m = create_model(&cfg, 11);
+    codir_batch_init(&batch, B, TOY_LEN);
+    codir_ctx_init(&ctx, 1 << 16, 5);
+    if (!m || !toy_batch(&batch, &toy, NULL, 2, B)) goto done;
+    T = batch.seq;
+    nl = (size_t)B * cfg.num_labels;
+
+    /* Eval, no tape: logits and the first token of the last hidden state. */
+    codir_ctx_begin(&ctx, 0, 0, 0);
+    CHECK(codir_model_forward(&ctx, m, &batch, &full) == CODIR_OK, "forward: %s", codir_last_error());
+    CHECK(codir_model_logits(&ctx, m, &batch, &first) == CODIR_OK, "logits: %s", codir_last_error());
+    if (!full.logits || !first.logits) goto done;
+    CHECK(first.hidden[L]->ndim == 3 && first.hidden[L]->shape[0] == B && first.hidden[L]->shape[1] == 1 &&
+              first.hidden[L]->shape[2] == cfg.hidden,
+          "last hidden state is not [%d, 1, %d]", B, cfg.hidden);
+    want = alloc_doubles(m->params.count > nl ? m->params.count : nl);
+    for (i = 0; i < nl; i++) want[i] = full.logits->data[i];
+    check_close("logits-only forward", first.logits->data, want, nl, 1e-6, 1e-5);
+    for (b = 0; b < B; b++) {
+        char what[64];
+        snprintf(what, sizeof what, "first token of sequence %d", b);
+        for (c = 0; c < cfg.hidden; c++) want[c] = full.hidden[L]->data[((size_t)b * T) * cfg.hidden + c];
+        check_close(what, first.hidden[L]->data + (size_t)b * cfg.hidden, want, (size_t)cfg.hidden, 1e-6, 1e-5);
+    }
+
+    /* Training, recorded: the gradients of the cross-entropy agree. */
+    codir_params_zero_grad(&m->params);
+    codir_ctx_begin(&ctx, 1, 1, 1);
+    CHECK(codir_model_forward(&ctx, m, &batch, &full) == CODIR_OK, "forward: %s", codir_last_error());
+    loss = codir_cross_entropy(&ctx, full.logits, &batch.labels);
+    if (!loss || codir_backward(&ctx, loss) != CODIR_OK) goto done;
+    grad_full = (float *)malloc(m->params.count * sizeof(float));
+    if (!grad_full) goto done;
+    memcpy(grad_full, m->params.grad, m->params.count * sizeof(float));
+    codir_params_zero_grad(&m->params);
+    codir_ctx_begin(&ctx, 1, 1, 1);
+    CHECK(codir_model_logits(&ctx, m, &batch, &first) == CODIR_OK, "logits: %s", codir_last_error());
+    loss = codir_cross_entropy(&ctx, first.logits, &batch.labels);
+    if (!loss || codir_backward(&ctx, loss) != CODIR_OK) goto done;
+    for (i = 0; i < m->params.count; i++) want[i] = grad_full[i];
+    check_close("parameter gradients through the logits-only forward", m->params.grad, want, m->params.count, 1e-7,
+                1e-5);
+done:
+    free(grad_full);
+    free(want);
+    codir_ctx_free(&ctx);
+    codir_batch_free(&batch);
+    codir_model_free(m);
+}
+
 const test_case tests_train[] = {
+    {"train logits-only forward matches the full forward", test_logits_only_forward},
     {"train types copied into batch", test_types_in_batch},
     {"train types shift embeddings by type rows", test_types_shift_embeddings},
     {"train types forward matches float64", test_types_forward_matches_reference},
