@@ -1237,7 +1237,8 @@ CODIR_DEF int codir_distill_step_cached(codir_ctx *ctx, codir_model *student, co
                                         const codir_batch *batch, float lr, codir_loss_terms *terms);
 
 /* Writes the model's outputs for every example of enc to out[count, num_labels], in
-   batches of batch_size, without dropout or tape. */
+   batches of batch_size, without dropout or tape. The batches are cut from the
+   examples sorted by length, so padding costs little; out keeps enc's order. */
 CODIR_DEF int codir_predict(codir_ctx *ctx, const codir_model *model, const codir_encoded *enc, int batch_size,
                             float *out);
 
@@ -10737,6 +10738,32 @@ CODIR_DEF double codir_teacher_cache_bytes(const codir_config *teacher, const co
     return per_example * sizeof(float) * count;
 }
 
+/* Sets *order to a new array of the example ids of enc sorted by length, shortest
+   first, ties in order (a counting sort), so batches cut from it carry little padding.
+   Returns CODIR_OK or an error. */
+static int codir__order_by_length(const codir_encoded *enc, int **order)
+{
+    int *count_by_len, i, len;
+    *order = NULL;
+    for (i = 0; i < enc->count; i++)
+        if (enc->lengths[i] < 0 || enc->lengths[i] > enc->max_len)
+            return codir__fail(CODIR_ERR_INVALID, "example %d has length %d, outside 0..%d", i, enc->lengths[i],
+                               enc->max_len);
+    *order = (int *)codir__calloc((size_t)(enc->count ? enc->count : 1), sizeof(int));
+    count_by_len = (int *)codir__calloc((size_t)enc->max_len + 2, sizeof(int));
+    if (!*order || !count_by_len) {
+        codir__free(*order);
+        codir__free(count_by_len);
+        *order = NULL;
+        return CODIR_ERR_NOMEM;
+    }
+    for (i = 0; i < enc->count; i++) count_by_len[enc->lengths[i] + 1]++;
+    for (len = 0; len <= enc->max_len; len++) count_by_len[len + 1] += count_by_len[len];
+    for (i = 0; i < enc->count; i++) (*order)[count_by_len[enc->lengths[i]]++] = i;
+    codir__free(count_by_len);
+    return CODIR_OK;
+}
+
 CODIR_DEF codir_teacher_cache *codir_teacher_cache_build(codir_ctx *ctx, const codir_model *teacher,
                                                          const codir_distiller *d, const codir_encoded *enc,
                                                          int batch_size, double max_bytes)
@@ -10744,8 +10771,8 @@ CODIR_DEF codir_teacher_cache *codir_teacher_cache_build(codir_ctx *ctx, const c
     codir_teacher_cache *c;
     codir_batch batch;
     double bytes = codir_teacher_cache_bytes(&teacher->cfg, d, enc->count);
-    int start, rc = CODIR_OK, V = teacher->cfg.num_labels, i, len;
-    int *order, *count_by_len;
+    int start, rc = CODIR_OK, V = teacher->cfg.num_labels;
+    int *order = NULL;
     if (max_bytes > 0 && bytes > max_bytes) {
         codir__fail(CODIR_ERR_NOMEM, "teacher cache of %d examples needs %.1f MiB, over the limit of %.1f MiB",
                     enc->count, bytes / 1048576.0, max_bytes / 1048576.0);
@@ -10760,23 +10787,14 @@ CODIR_DEF codir_teacher_cache *codir_teacher_cache_build(codir_ctx *ctx, const c
     c->logits = (float *)codir__calloc((size_t)(enc->count ? enc->count : 1), (size_t)V * sizeof(float));
     if (c->feature_dim)
         c->features = (float *)codir__calloc((size_t)(enc->count ? enc->count : 1), (size_t)c->feature_dim * sizeof(float));
-    order = (int *)codir__calloc((size_t)(enc->count ? enc->count : 1), sizeof(int));
-    count_by_len = (int *)codir__calloc((size_t)enc->max_len + 2, sizeof(int));
-    if (!c->logits || (c->feature_dim && !c->features) || !order || !count_by_len ||
+    if (!c->logits || (c->feature_dim && !c->features) || codir__order_by_length(enc, &order) ||
         codir_batch_init(&batch, batch_size, enc->max_len)) {
         codir__free(order);
-        codir__free(count_by_len);
         codir_teacher_cache_free(c);
         return NULL;
     }
 
-    /* Visit the examples sorted by length (a counting sort), so batches carry little
-       padding. */
-    for (i = 0; i < enc->count; i++) count_by_len[enc->lengths[i] + 1]++;
-    for (len = 0; len <= enc->max_len; len++) count_by_len[len + 1] += count_by_len[len];
-    for (i = 0; i < enc->count; i++) order[count_by_len[enc->lengths[i]]++] = i;
-
-    /* One pass over the data, as at evaluation: no dropout, no tape. */
+    /* One pass over the data, in batches of similar lengths, as at evaluation: no dropout, no tape. */
     for (start = 0; start < enc->count && !rc; start += batch_size) {
         int n = enc->count - start < batch_size ? enc->count - start : batch_size, b;
         codir_output out;
@@ -10799,7 +10817,6 @@ CODIR_DEF codir_teacher_cache *codir_teacher_cache_build(codir_ctx *ctx, const c
         }
     }
     codir__free(order);
-    codir__free(count_by_len);
     codir_batch_free(&batch);
     if (rc) {
         codir_teacher_cache_free(c);
@@ -10820,19 +10837,27 @@ CODIR_DEF int codir_predict(codir_ctx *ctx, const codir_model *model, const codi
                             float *out)
 {
     codir_batch batch;
-    int start, rc, V = model->cfg.num_labels;
+    int start, rc, V = model->cfg.num_labels, *order, b;
     if (enc->count < 1) return codir__fail(CODIR_ERR_INVALID, "cannot predict on an empty data set");
-    rc = codir_batch_init(&batch, batch_size, enc->max_len);
+    rc = codir__order_by_length(enc, &order);
     if (rc) return rc;
+    rc = codir_batch_init(&batch, batch_size, enc->max_len);
+    if (rc) {
+        codir__free(order);
+        return rc;
+    }
+    /* Batches of similar lengths, so each is padded to little more than its own. */
     for (start = 0; start < enc->count && !rc; start += batch_size) {
         int n = enc->count - start < batch_size ? enc->count - start : batch_size;
         codir_output o;
-        rc = codir_batch_fill(&batch, enc, NULL, start, n);
+        rc = codir_batch_fill(&batch, enc, order, start, n);
         if (rc) break;
         codir_ctx_begin(ctx, 0, 0, 0);
         rc = codir_model_logits(ctx, model, &batch, &o);
-        if (!rc) memcpy(out + (size_t)start * V, o.logits->data, (size_t)n * V * sizeof(float));
+        for (b = 0; b < n && !rc; b++)
+            memcpy(out + (size_t)order[start + b] * V, o.logits->data + (size_t)b * V, (size_t)V * sizeof(float));
     }
+    codir__free(order);
     codir_batch_free(&batch);
     return rc;
 }

@@ -51,6 +51,11 @@
        infer                  fwd_student
    Not counted: embedding lookups, LayerNorm, GELU, softmax, dropout, the losses, AdamW,
    and the projection heads and contrastive scores (under 0.1% of a step here).
+   The count is the full model's for both libraries. codir's train and infer cases run
+   the last block after its attention for the first token only (codir_model_logits),
+   because the classifier reads nothing else; PyTorch's model computes every token.
+   For those cases gflops is the rate of the same job, not of the work done, and can
+   pass the machine's peak.
 
    peak_rss_mb is the peak resident memory of the process during the case: on Linux,
    VmHWM from /proc/self/status after resetting it through /proc/self/clear_refs

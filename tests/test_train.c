@@ -1601,6 +1601,13 @@ static void test_predict_matches_forward(void)
     ref_logits(m, p, &batch, want, NULL);
     check_close("codir_predict against float64", pred, want, TOY_COUNT * 3, 1e-5, 1e-4);
     free(p);
+
+    /* A length past max_len is named instead of read past the sort's buckets. */
+    toy.lengths[2] = TOY_LEN + 90;
+    codir_clear_error();
+    rc = codir_predict(&ctx, m, &toy.enc, 3, pred);
+    CHECK(rc == CODIR_ERR_INVALID, "codir_predict accepted length %d: %d", TOY_LEN + 90, rc);
+    CHECK(strstr(codir_last_error(), "example 2 has length 98, outside 0..8") != NULL, "reason: %s", codir_last_error());
 done:
     codir_ctx_free(&ctx);
     codir_batch_free(&batch);
