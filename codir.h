@@ -132,6 +132,7 @@ typedef struct codir_tensor {
     size_t numel;               /* product of the shape */
     int no_decay;               /* parameters only: 1 excludes it from weight decay */
     const char *name;           /* parameters only: stable name, e.g. "layer.0.ln1.gamma" */
+    const float *packed;        /* parameters only: W^T in the GEMM's layout (codir_model_pack) */
     int node;                   /* op outputs: 1 + the index of the tape node that made it */
     int retain_grad;            /* op outputs: 1 keeps the gradient after codir_backward */
 } codir_tensor;
@@ -582,12 +583,23 @@ typedef struct codir_model {
     codir_tensor *mlm_ln_gamma; /* [C] */
     codir_tensor *mlm_ln_beta;  /* [C] */
     codir_tensor *mlm_bias;     /* [V] decoder bias; the decoder weight is tok_emb */
+    float *packed;              /* codir_model_pack's copies of the linear weights, or NULL */
 } codir_model;
 
 /* Creates a model with BERT's initialization: weights from N(0, 0.02^2), biases 0,
    LayerNorm gamma 1 and beta 0. Returns NULL on failure. */
 CODIR_DEF codir_model *codir_model_create(const codir_config *cfg, uint64_t seed);
 CODIR_DEF void codir_model_free(codir_model *model);
+
+/* Packs the model's linear weights (every block's four, the pooler's and the
+   classifier's) once in the matrix-multiply kernel's layout, so forward passes skip
+   that step, which costs as much as the product at batch 1. For a model whose weights
+   no longer change: a model being served, a frozen teacher. The copies take as much
+   memory as those weights. codir_adamw_step, codir_params_copy and
+   codir_model_init_from drop the copies of the tensors they change; after changing
+   weights any other way, call codir_model_unpack (or codir_model_pack again). */
+CODIR_DEF int codir_model_pack(codir_model *model);
+CODIR_DEF void codir_model_unpack(codir_model *model);
 
 /* Which teacher blocks initialize a student. */
 enum {
@@ -1783,6 +1795,7 @@ CODIR_DEF int codir_params_copy(codir_params *dst, const codir_params *src)
                                s->name, t->name);
     }
     memcpy(dst->data, src->data, src->count * sizeof(float));
+    for (i = 0; i < dst->num_tensors; i++) dst->tensors[i].packed = NULL; /* now stale */
     return CODIR_OK;
 }
 
@@ -1982,19 +1995,29 @@ CODIR_DEF void codir_arena_free(codir_arena *arena)
 
 /* ---- linear ---- */
 
-/* NOTE: w is packed for the GEMM on every call. With few rows (batch-1 inference) the
-   packing reads the whole weight matrix from memory and takes about as long as the
-   product; a frozen model could keep its packed weights. */
-CODIR_DEF int codir_linear_forward(struct codir_gemm_ws *ws, float *out, const float *inp, const float *w,
-                                   const float *b, int N, int C, int OC)
+/* w is packed for the GEMM on every call. With few rows (batch-1 inference) that
+   packing reads the whole weight matrix and takes about as long as the product, so
+   codir_model_pack keeps a frozen model's weights packed; codir_linear uses them. */
+static int codir__gemm(codir_gemm_ws *ws, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
+                       int lda, const float *b, int ldb, const float *b_packed, float beta, float *c, int ldc);
+
+/* codir_linear_forward, reading W^T from w_packed (codir_model_pack) when not NULL. */
+static int codir__linear_forward(struct codir_gemm_ws *ws, float *out, const float *inp, const float *w,
+                                 const float *w_packed, const float *b, int N, int C, int OC)
 {
     int i, o;
-    if (!b) return codir_gemm(ws, 0, 1, N, OC, C, 1.0f, inp, C, w, C, 0.0f, out, OC);
+    if (!b) return codir__gemm(ws, 0, 1, N, OC, C, 1.0f, inp, C, w, C, w_packed, 0.0f, out, OC);
 
     /* Start from the bias and let GEMM add x W^T onto it. */
     for (i = 0; i < N; i++)
         for (o = 0; o < OC; o++) out[(size_t)i * OC + o] = b[o];
-    return codir_gemm(ws, 0, 1, N, OC, C, 1.0f, inp, C, w, C, 1.0f, out, OC);
+    return codir__gemm(ws, 0, 1, N, OC, C, 1.0f, inp, C, w, C, w_packed, 1.0f, out, OC);
+}
+
+CODIR_DEF int codir_linear_forward(struct codir_gemm_ws *ws, float *out, const float *inp, const float *w,
+                                   const float *b, int N, int C, int OC)
+{
+    return codir__linear_forward(ws, out, inp, w, NULL, b, N, C, OC);
 }
 
 CODIR_DEF int codir_linear_backward(struct codir_gemm_ws *ws, float *dinp, float *dw, float *db,
@@ -3742,6 +3765,7 @@ typedef struct codir__gemm_plan {
     size_t a_stride;
     float *b_packs;         /* thread t packs B~ at b_packs + t * b_stride */
     size_t b_stride;
+    const float *b_packed;  /* all of op(B), packed by codir__gemm_pack_full_b, or NULL */
 } codir__gemm_plan;
 
 /* Fills the product's operands into a zeroed plan; the caller sets the blocking. */
@@ -3831,7 +3855,15 @@ static void codir__gemm_run_thread(const codir__gemm_plan *plan, int tid, int th
             int kc = plan->k - pc < plan->kc ? plan->k - pc : plan->kc;
             float beta = pc == 0 ? plan->beta : 1.0f;
 
-            codir__gemm_pack_b(plan->trans_b, plan->b, plan->ldb, pc, kc, jc, nc, nr, 0, n_panels, b_pack);
+            const float *b_block = b_pack;
+            if (plan->b_packed) {
+                /* Block pc of the full packing: kc rows of every panel, after the
+                   pc rows of all panels before it. */
+                size_t padded_n = (size_t)((plan->n + nr - 1) / nr) * (size_t)nr;
+                b_block = plan->b_packed + (size_t)pc * padded_n + (size_t)jc * (size_t)kc;
+            } else {
+                codir__gemm_pack_b(plan->trans_b, plan->b, plan->ldb, pc, kc, jc, nc, nr, 0, n_panels, b_pack);
+            }
 
             for (ic = row_lo; ic < row_hi; ic += plan->mc) {
                 int mc = row_hi - ic < plan->mc ? row_hi - ic : plan->mc;
@@ -3842,7 +3874,7 @@ static void codir__gemm_run_thread(const codir__gemm_plan *plan, int tid, int th
                 for (jr_panel = 0; jr_panel < n_panels; jr_panel++) {
                     int jr = jr_panel * nr;
                     int cols = nc - jr < nr ? nc - jr : nr;
-                    const float *b_panel = b_pack + (size_t)jr * (size_t)kc;
+                    const float *b_panel = b_block + (size_t)jr * (size_t)kc;
                     for (ir = 0; ir < mc; ir += mr) {
                         int rows = mc - ir < mr ? mc - ir : mr;
                         const float *a_panel = a_pack + (size_t)ir * (size_t)kc;
@@ -3923,8 +3955,9 @@ static void codir__gemm_set_strides(codir__gemm_plan *plan)
     plan->b_stride = codir__gemm_align_floats((size_t)plan->kc * panels * nr);
 }
 
-CODIR_DEF int codir_gemm(codir_gemm_ws *ws, int trans_a, int trans_b, int m, int n, int k, float alpha,
-                         const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc)
+/* codir_gemm, with op(B) already packed in full when b_packed is not NULL. */
+static int codir__gemm(codir_gemm_ws *ws, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
+                       int lda, const float *b, int ldb, const float *b_packed, float beta, float *c, int ldc)
 {
     codir_gemm_ws local_ws;
     codir__gemm_plan plan;
@@ -3975,6 +4008,10 @@ CODIR_DEF int codir_gemm(codir_gemm_ws *ws, int trans_a, int trans_b, int m, int
        NOTE: B~ takes up to KC x NC floats per thread (4 MiB with the AVX-512 blocks),
        so the workspace grows linearly with the thread count. */
     codir__gemm_set_strides(&plan);
+    if (b_packed) {
+        plan.b_packed = b_packed;
+        plan.b_stride = 0;
+    }
     if (!codir__size_mul(plan.a_stride, (size_t)threads, &a_floats) ||
         !codir__size_mul(plan.b_stride, (size_t)threads, &b_floats))
         return codir__fail(CODIR_ERR_OVERFLOW, "codir_gemm: packing buffers for %d threads overflow size_t", threads);
@@ -4015,6 +4052,38 @@ CODIR_DEF int codir_gemm(codir_gemm_ws *ws, int trans_a, int trans_b, int m, int
         codir__gemm_buffer_free(&local_ws.b_packs);
     }
     return CODIR_OK;
+}
+
+CODIR_DEF int codir_gemm(codir_gemm_ws *ws, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                         const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc)
+{
+    return codir__gemm(ws, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, NULL, beta, c, ldc);
+}
+
+/* ---- GEMM: op(B) packed once ----
+
+   A frozen weight matrix can be packed once for every later product: the full
+   packing holds, for each block of KC rows (KC depends on k alone), all NR-panels of
+   op(B) side by side, each zero-padded to NR columns. The macro-kernel then reads
+   its panels in place instead of packing B~. The layout depends on the micro-kernel,
+   which the CPU fixes for the life of the process. */
+
+/* Floats of the full packing of an op(B) of k x n. */
+static size_t codir__gemm_packed_b_floats(int n, int k)
+{
+    size_t nr = (size_t)codir__gemm_select_kernel()->nr;
+    return ((size_t)n + nr - 1) / nr * nr * (size_t)k;
+}
+
+/* Packs op(B) [k x n] in full into dst (64-byte aligned, codir__gemm_packed_b_floats). */
+static void codir__gemm_pack_full_b(int trans_b, const float *b, int ldb, int n, int k, float *dst)
+{
+    const codir__gemm_kernel *kernel = codir__gemm_select_kernel();
+    int nr = kernel->nr, panels = (n + nr - 1) / nr, block = codir__gemm_even_block(k, kernel->kc, 8), pc;
+    for (pc = 0; pc < k; pc += block) {
+        int kc = k - pc < block ? k - pc : block;
+        codir__gemm_pack_b(trans_b, b, ldb, pc, kc, 0, n, nr, 0, panels, dst + (size_t)pc * (size_t)panels * (size_t)nr);
+    }
 }
 
 /* ---- GEMM: serial products into caller buffers ----
@@ -4268,7 +4337,7 @@ CODIR_DEF codir_tensor *codir_linear(codir_ctx *ctx, codir_tensor *x, codir_tens
     rg = codir__needs_grad(ctx, x, w, b);
     out = codir__new_like(ctx, x, OC);
     if (!out) return NULL;
-    rc = codir_linear_forward(ctx->gemm, out->data, x->data, w->data, b ? b->data : NULL, N, C, OC);
+    rc = codir__linear_forward(ctx->gemm, out->data, x->data, w->data, w->packed, b ? b->data : NULL, N, C, OC);
     if (rc) return codir__op_failed(ctx, rc);
     if (rg && !(node = codir__record(ctx, CODIR__OP_LINEAR, out, x, w, b))) return NULL;
     return out;
@@ -4295,7 +4364,7 @@ CODIR_DEF codir_tensor *codir_gelu_linear(codir_ctx *ctx, codir_tensor *x, codir
     mark = codir_arena_mark(&ctx->arena);
     if (!(g = codir__scratch(ctx, x->numel))) return NULL;
     codir_gelu_forward(g, x->data, x->numel);
-    rc = codir_linear_forward(ctx->gemm, out->data, g, w->data, b ? b->data : NULL, N, C, OC);
+    rc = codir__linear_forward(ctx->gemm, out->data, g, w->data, w->packed, b ? b->data : NULL, N, C, OC);
     codir_arena_rewind(&ctx->arena, mark);
     if (rc) return codir__op_failed(ctx, rc);
     if (rg && !codir__record(ctx, CODIR__OP_GELU_LINEAR, out, x, w, b)) return NULL;
@@ -5313,9 +5382,69 @@ fail:
     return NULL;
 }
 
+/* The weights codir_model_pack packs, in a fixed order; returns their count. */
+static int codir__model_linear_weights(codir_model *model, codir_tensor **list)
+{
+    int l, count = 0;
+    for (l = 0; l < model->cfg.num_layers; l++) {
+        list[count++] = model->layers[l].qkv_w;
+        list[count++] = model->layers[l].attn_out_w;
+        list[count++] = model->layers[l].ffn_up_w;
+        list[count++] = model->layers[l].ffn_down_w;
+    }
+    list[count++] = model->pool_w;
+    list[count++] = model->cls_w;
+    if (model->mlm_dense_w) list[count++] = model->mlm_dense_w;
+    return count;
+}
+
+CODIR_DEF void codir_model_unpack(codir_model *model)
+{
+    int i;
+    if (!model) return;
+    for (i = 0; i < model->params.num_tensors; i++) model->params.tensors[i].packed = NULL;
+    codir__free(model->packed);
+    model->packed = NULL;
+}
+
+CODIR_DEF int codir_model_pack(codir_model *model)
+{
+    codir_tensor **list;
+    size_t total = 0, offset = 0, per;
+    float *base;
+    int i, count;
+    codir_model_unpack(model);
+    list = (codir_tensor **)codir__calloc((size_t)4 * model->cfg.num_layers + 3, sizeof *list);
+    if (!list) return CODIR_ERR_NOMEM;
+    count = codir__model_linear_weights(model, list);
+    for (i = 0; i < count; i++) {
+        /* Whole 64-byte blocks each, so every copy starts aligned. */
+        per = (codir__gemm_packed_b_floats(list[i]->shape[0], list[i]->shape[1]) + 15) / 16 * 16;
+        if (!codir__size_add(total, per, &total)) {
+            codir__free(list);
+            return codir__fail(CODIR_ERR_OVERFLOW, "packed weights overflow size_t");
+        }
+    }
+    model->packed = (float *)codir__calloc(total + 16, sizeof(float));
+    if (!model->packed) {
+        codir__free(list);
+        return CODIR_ERR_NOMEM;
+    }
+    base = (float *)codir__align_ptr((char *)model->packed);
+    for (i = 0; i < count; i++) {
+        codir_tensor *w = list[i];
+        codir__gemm_pack_full_b(1, w->data, w->shape[1], w->shape[0], w->shape[1], base + offset);
+        w->packed = base + offset;
+        offset += (codir__gemm_packed_b_floats(w->shape[0], w->shape[1]) + 15) / 16 * 16;
+    }
+    codir__free(list);
+    return CODIR_OK;
+}
+
 CODIR_DEF void codir_model_free(codir_model *model)
 {
     if (!model) return;
+    codir__free(model->packed);
     codir_params_free(&model->params);
     codir__free(model->layers);
     codir__free(model);
@@ -5328,6 +5457,7 @@ static int codir__copy_tensor(codir_tensor *dst, const codir_tensor *src)
         return codir__fail(CODIR_ERR_INVALID, "cannot copy %s (%zu values) into %s (%zu values)", src->name, src->numel,
                            dst->name, dst->numel);
     memcpy(dst->data, src->data, src->numel * sizeof(float));
+    dst->packed = NULL;
     return CODIR_OK;
 }
 
@@ -7959,6 +8089,7 @@ CODIR_DEF void codir_adamw_step(codir_adamw *opt, codir_params *params, float lr
         long block, blocks = (long)((t->numel + CODIR__VEC_BLOCK - 1) / CODIR__VEC_BLOCK);
         float *p = t->data, *g = t->grad, *m = opt->m + off, *v = opt->v + off;
         codir__adamw_consts ct = c;
+        t->packed = NULL; /* the weights change: a packed copy would be stale */
         ct.decay = t->no_decay ? 1.0f : 1.0f - lr * opt->weight_decay;
         CODIR__OMP_FOR(8 * t->numel)
         for (block = 0; block < blocks; block++) {
@@ -11150,6 +11281,7 @@ CODIR_DEF int codir_checkpoint_load(const char *path, codir_train_state *s)
 
     /* Read everything into the objects; on failure they may be partly overwritten,
        which the caller discards. */
+    codir_model_unpack(s->model); /* its weights change */
     rc = codir__ckpt_read(st, &s->model->params, s->model->params.data, "model");
     if (!rc && s->opt) rc = codir__ckpt_read(st, &s->model->params, s->opt->m, "adam_m.model");
     if (!rc && s->opt) rc = codir__ckpt_read(st, &s->model->params, s->opt->v, "adam_v.model");

@@ -35,6 +35,8 @@
        distill_cached  codir_distill_step_cached: the same with the teacher's logits and
                        pooled layers read from a cache built before timing
        infer           codir_predict on one batch: forward without dropout or tape
+   The frozen models, the teacher and the student at inference, have their weights
+   packed once with codir_model_pack, as a program serving a model would.
 
    median_ms is the median (the upper one of an even count) of at least 10 timed calls
    (5 with --quick) after 2 warm-up calls. The first step grows the activation arena and the second replaces its blocks
@@ -332,6 +334,8 @@ static void case_setup(bench_case *bc, const bench_model *student, const bench_d
     if (!bc->student) fail("codir_model_create (student)", bc, student->name);
 
     if (bc->kind == BENCH_INFER) {
+        /* A model being served does not change: its weights are packed once. */
+        if (codir_model_pack(bc->student)) fail("codir_model_pack", bc, student->name);
         bc->infer_data = data_head(data, bc->batch);
         bc->predictions = (float *)checked_malloc((size_t)bc->batch * BENCH_LABELS * sizeof(float));
         return;
@@ -352,6 +356,7 @@ static void case_setup(bench_case *bc, const bench_model *student, const bench_d
         codir_distill_config dcfg = codir_distill_config_default();
         bc->teacher = codir_model_create(&tcfg, 1);
         if (!bc->teacher) fail("codir_model_create (teacher)", bc, student->name);
+        if (codir_model_pack(bc->teacher)) fail("codir_model_pack (teacher)", bc, student->name);
         bc->distiller = codir_distiller_create(&dcfg, &scfg, &tcfg, data->labels, BENCH_EXAMPLES, 3);
         if (!bc->distiller) fail("codir_distiller_create", bc, student->name);
     }

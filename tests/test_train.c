@@ -1783,7 +1783,78 @@ done:
     codir_model_free(m);
 }
 
+/* codir_model_pack: the packed weights give the bits of the unpacked forward pass, on
+   widths that leave partial kernel panels and a width past one KC block (FFN 600, so
+   the down projection's k spans three blocks); AdamW, codir_params_copy and
+   codir_model_init_from drop the packed copies of what they change. */
+static void test_packed_weights(void)
+{
+    codir_config cfg = train_config(2, 40, 3, 0, 0.0f);
+    codir_model *m, *other = NULL;
+    codir_batch batch;
+    codir_ctx ctx;
+    codir_output plain, packed;
+    codir_adamw opt;
+    float *want = NULL;
+    toy_data toy;
+    size_t i, n, bad;
+    int t, B = TOY_COUNT;
+    cfg.ffn = 600;
+    cfg.num_heads = 4;
+    toy_init(&toy, 3);
+    m = create_model(&cfg, 21);
+    codir_batch_init(&batch, B, TOY_LEN);
+    codir_ctx_init(&ctx, 1 << 16, 5);
+    if (!m || !toy_batch(&batch, &toy, NULL, 0, B)) goto done;
+
+    codir_ctx_begin(&ctx, 0, 0, 0);
+    CHECK(codir_model_forward(&ctx, m, &batch, &plain) == CODIR_OK, "forward: %s", codir_last_error());
+    if (!plain.logits) goto done;
+    n = (size_t)B * batch.seq * cfg.hidden;
+    want = (float *)malloc((n + (size_t)B * 3) * sizeof(float));
+    if (!want) goto done;
+    memcpy(want, plain.hidden[cfg.num_layers]->data, n * sizeof(float));
+    memcpy(want + n, plain.logits->data, (size_t)B * 3 * sizeof(float));
+
+    CHECK(codir_model_pack(m) == CODIR_OK, "codir_model_pack: %s", codir_last_error());
+    CHECK(m->layers[1].ffn_down_w->packed != NULL && m->cls_w->packed != NULL, "weights were not packed");
+    CHECK(m->tok_emb->packed == NULL, "the embedding table was packed");
+    codir_ctx_begin(&ctx, 0, 0, 0);
+    CHECK(codir_model_forward(&ctx, m, &batch, &packed) == CODIR_OK, "packed forward: %s", codir_last_error());
+    if (!packed.logits) goto done;
+    for (i = 0, bad = 0; i < n; i++) bad += memcmp(&packed.hidden[cfg.num_layers]->data[i], &want[i], sizeof(float)) != 0;
+    for (i = 0; i < (size_t)B * 3; i++) bad += memcmp(&packed.logits->data[i], &want[n + i], sizeof(float)) != 0;
+    CHECK(bad == 0, "%zu values of the packed forward pass differ from the unpacked one", bad);
+
+    /* Whatever changes weights drops their packed copies. */
+    codir_params_zero_grad(&m->params);
+    if (codir_adamw_init(&opt, &m->params, 0.9f, 0.98f, 1e-6f, 0.01f) == CODIR_OK) {
+        codir_adamw_step(&opt, &m->params, 0.01f);
+        codir_adamw_free(&opt);
+    }
+    for (t = 0, bad = 0; t < m->params.num_tensors; t++) bad += m->params.tensors[t].packed != NULL;
+    CHECK(bad == 0, "%zu tensors kept packed copies through an AdamW step", bad);
+    CHECK(codir_model_pack(m) == CODIR_OK, "second codir_model_pack: %s", codir_last_error());
+    other = create_model(&cfg, 22);
+    if (other) {
+        CHECK(codir_params_copy(&m->params, &other->params) == CODIR_OK, "copy: %s", codir_last_error());
+        for (t = 0, bad = 0; t < m->params.num_tensors; t++) bad += m->params.tensors[t].packed != NULL;
+        CHECK(bad == 0, "%zu tensors kept packed copies through codir_params_copy", bad);
+        CHECK(codir_model_pack(m) == CODIR_OK, "third codir_model_pack: %s", codir_last_error());
+        CHECK(codir_model_init_from(m, other, CODIR_INIT_FIRST_K) == CODIR_OK, "init_from: %s", codir_last_error());
+        for (t = 0, bad = 0; t < m->params.num_tensors; t++) bad += m->params.tensors[t].packed != NULL;
+        CHECK(bad == 0, "%zu tensors kept packed copies through codir_model_init_from", bad);
+    }
+done:
+    free(want);
+    codir_model_free(other);
+    codir_ctx_free(&ctx);
+    codir_batch_free(&batch);
+    codir_model_free(m);
+}
+
 const test_case tests_train[] = {
+    {"train packed weights give the same forward pass", test_packed_weights},
     {"train logits-only forward matches the full forward", test_logits_only_forward},
     {"train types copied into batch", test_types_in_batch},
     {"train types shift embeddings by type rows", test_types_shift_embeddings},
