@@ -428,13 +428,16 @@ CODIR_DEF const char *codir_gemm_kernel_name(void);
    its end; codir_last_error() and ctx->status say what went wrong.
 
    Memory. An op output that needs a gradient gets no gradient buffer in the forward
-   pass. codir_backward gives each one a buffer only from the first backward step that
-   writes it to its own op's step, the last that reads it, and places these buffers in
-   one pool so that dead ones are reused: the pool holds the gradients alive at the
-   busiest point of the walk, about one block's worth, instead of a copy of every
-   activation. Afterwards op outputs have grad == NULL again, as PyTorch frees the
-   gradients of non-leaf tensors; codir_retain_grad keeps one. Leaves (parameters and
-   tensors made with codir_tensor_new(..., 1)) keep their own buffers.
+   pass. The backward walk needs that gradient only for a while: the first op to write
+   it is the output's last consumer, and the last to read it is the op that made the
+   output. codir_backward gives each gradient a buffer for that stretch alone, in one
+   pool where later gradients reuse the space of dead ones. The pool holds what is
+   alive at the busiest point of the walk, about one block's worth, instead of a copy
+   of every activation. Afterwards op outputs have grad == NULL again, as PyTorch
+   frees the gradients of non-leaf tensors; codir_retain_grad keeps one. Leaves
+   (parameters and tensors made with codir_tensor_new(..., 1)) keep their own buffers.
+   A struct copy of an op output (a reshape: same values, other shape) shares the
+   output's gradient.
    A forward pass that records nothing needs less: codir_model_forward then drops each
    block's intermediate values once the block's output exists. */
 
@@ -462,16 +465,17 @@ CODIR_DEF void codir_ctx_begin(codir_ctx *ctx, int recording, int training, uint
    when with_grad is 1. Data is uninitialized. */
 CODIR_DEF codir_tensor *codir_tensor_new(codir_ctx *ctx, int ndim, const int *shape, int with_grad);
 
-/* Runs the tape backward from loss (a scalar op output) with the seed gradient 1.
-   Gradients of op outputs start from zero on every call; leaf gradients, parameters'
-   among them, accumulate: zero them first. Ops whose output does not lead to loss are
-   skipped. */
+/* Runs the tape backward from loss (a scalar op output of this step, that is, made
+   since the last codir_ctx_begin; an older tensor is gone with its arena) with the
+   seed gradient 1. Gradients of op outputs start from zero on every call; leaf
+   gradients, parameters' among them, accumulate: zero them first. Ops whose output
+   does not lead to loss are skipped. */
 CODIR_DEF int codir_backward(codir_ctx *ctx, codir_tensor *loss);
 /* The same with the seed gradient `seed` instead of 1. */
 CODIR_DEF int codir_backward_scaled(codir_ctx *ctx, codir_tensor *loss, float seed);
 /* Keeps the gradient of op output t after the next backward passes, until the next
-   codir_ctx_begin (PyTorch's Tensor.retain_grad). A tensor without a gradient is left
-   alone. */
+   codir_ctx_begin (PyTorch's Tensor.retain_grad). Does nothing for a leaf, which keeps
+   its gradient anyway, or for an output that was not recorded. */
 CODIR_DEF void codir_retain_grad(codir_tensor *t);
 
 /* x[..., C] w[OC, C]^T + b[OC] -> [..., OC]; b may be NULL. */
@@ -634,9 +638,9 @@ typedef struct codir_output {
 } codir_output;
 
 /* Runs the encoder and classifier on a batch. Dropout is active when ctx->training;
-   nothing is recorded unless ctx->recording, and then each block's intermediate
-   values go back to the arena once its output is copied out, so the arena holds the
-   hidden states and one block's work. Returns CODIR_OK or an error. */
+   nothing is recorded unless ctx->recording. When nothing is recorded, each block's
+   intermediate values go back to the arena once its output is copied out, so the
+   arena holds the hidden states and one block's work. Returns CODIR_OK or an error. */
 CODIR_DEF int codir_model_forward(codir_ctx *ctx, const codir_model *model, const codir_batch *batch,
                                   codir_output *out);
 /* The same forward pass for when only the logits are needed (fine-tuning, prediction):
@@ -1991,6 +1995,18 @@ CODIR_DEF void codir_arena_free(codir_arena *arena)
 #elif !defined(CODIR_NO_SIMD) && defined(__aarch64__) && defined(__ARM_NEON)
 #define CODIR__SIMD_NEON 1
 #include <arm_neon.h>
+#endif
+
+/* GCC 12's avx512fintrin.h builds several intrinsics on a deliberately undefined
+   vector, which g++ -O2 -Wall reports as maybe uninitialized; these brackets silence
+   that report around the functions that use them. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define CODIR__QUIET_UNDEFINED_BEGIN \
+    _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#define CODIR__QUIET_UNDEFINED_END _Pragma("GCC diagnostic pop")
+#else
+#define CODIR__QUIET_UNDEFINED_BEGIN
+#define CODIR__QUIET_UNDEFINED_END
 #endif
 
 /* ---- linear ---- */
@@ -3659,6 +3675,7 @@ static void codir__gemm_pack_a(int trans_a, const float *a, int lda, int i0, int
    are transposed in registers, so each store writes one whole 64-byte row of the
    panel; the scalar loop below writes one float per 256-byte stride, and for a
    product with few rows of A it took longer than the multiplication itself. */
+CODIR__QUIET_UNDEFINED_BEGIN
 CODIR__SIMD_TARGET_AVX512
 static void codir__gemm_pack_bt_panel_avx512(const float *b, size_t ldb, int kc, float *dst)
 {
@@ -3703,6 +3720,7 @@ static void codir__gemm_pack_bt_panel_avx512(const float *b, size_t ldb, int kc,
         }
     }
 }
+CODIR__QUIET_UNDEFINED_END
 #endif
 
 /* Packs NR-panels [panel_lo, panel_hi) of op(B)[p0 : p0+kc, j0 : j0+nc] into B~ (layout
@@ -4908,7 +4926,11 @@ CODIR_DEF codir_tensor *codir_weighted_sum(codir_ctx *ctx, codir_tensor *const *
     double sum = 0.0;
     int i, rg = 0;
     for (i = 0; i < count; i++) {
-        if (!terms[i] && weights[i] != 0.0f) return codir__op_failed(ctx, ctx->status ? ctx->status : CODIR_ERR_INVALID);
+        if (!terms[i] && weights[i] != 0.0f) {
+            if (ctx->status) return codir__op_failed(ctx, ctx->status); /* an earlier op failed and said why */
+            return codir__op_error(ctx, CODIR_ERR_INVALID, "weighted sum: term %d is NULL but its weight is %g", i,
+                                   (double)weights[i]);
+        }
         if (terms[i] && terms[i]->numel != 1)
             return codir__op_error(ctx, CODIR_ERR_INVALID, "weighted sum: term %d is not a scalar", i);
         if (terms[i]) rg |= codir__needs_grad(ctx, terms[i], NULL, NULL);
@@ -5066,11 +5088,35 @@ static int codir__node_backward(codir_ctx *ctx, const codir_node *n)
 }
 
 /* Input slot k of node n: in[0..2], then the concat inputs or sum terms. Returns the
-   tensor when it is an op output (one whose gradient the walk manages), else NULL. */
+   tensor when it is an op output (one whose gradient the walk manages), else NULL. It
+   may be a struct copy of the output (a reshape); the tape's own tensor is
+   codir__recorded(ctx, t). */
 static codir_tensor *codir__node_input(const codir_node *n, int k)
 {
     codir_tensor *t = k < 3 ? n->in[k] : n->list[k - 3];
     return t && t->node ? t : NULL;
+}
+
+static codir_tensor *codir__recorded(const codir_ctx *ctx, const codir_tensor *t) { return ctx->tape[t->node - 1].out; }
+
+/* Checks that every op-output input of the tape, and the loss, stands for an output of
+   this tape with its number of values: the tensor itself or a struct copy of it. */
+static int codir__check_tape_inputs(const codir_ctx *ctx, const codir_tensor *loss)
+{
+    int i, k;
+    if (!loss || loss->numel != 1 || !loss->node || loss->node > ctx->tape_len ||
+        codir__recorded(ctx, loss)->numel != 1)
+        return codir__fail(CODIR_ERR_INVALID, "backward needs a scalar loss recorded on this context's tape since the "
+                           "last codir_ctx_begin");
+    for (i = 0; i < ctx->tape_len; i++)
+        for (k = 0; k < 3 + ctx->tape[i].count; k++) {
+            const codir_tensor *t = codir__node_input(&ctx->tape[i], k);
+            if (t && (t->node > i || codir__recorded(ctx, t)->numel != t->numel))
+                return codir__fail(CODIR_ERR_INVALID,
+                                   "backward: input %d of op %d is not an output of an earlier op of this step, "
+                                   "nor a copy of one with the same number of values", k, i);
+        }
+    return CODIR_OK;
 }
 
 /* A gradient buffer alive in the pool during the backward walk: [begin, end) bytes. */
@@ -5127,10 +5173,11 @@ CODIR_DEF int codir_backward_scaled(codir_ctx *ctx, codir_tensor *loss, float se
     size_t *offset, top = 0;
     unsigned char *used;
     char *pool;
-    int i, k, num_live = 0, n = ctx->tape_len, rc = CODIR_OK;
+    int i, k, num_live = 0, n = ctx->tape_len, rc;
     if (ctx->status) return codir__fail(ctx->status, "backward after a failed forward op: %s", codir_last_error());
-    if (!loss || loss->numel != 1 || !loss->node || loss->node > n || ctx->tape[loss->node - 1].out != loss)
-        return codir__fail(CODIR_ERR_INVALID, "backward needs a scalar loss recorded on this context's tape");
+    rc = codir__check_tape_inputs(ctx, loss);
+    if (rc) return rc;
+    loss = codir__recorded(ctx, loss);
 
     /* Retained gradients are allocated once and outlive the pool; like every op
        output's gradient they restart from zero on each pass. */
@@ -5161,6 +5208,7 @@ CODIR_DEF int codir_backward_scaled(codir_ctx *ctx, codir_tensor *loss, float se
         for (k = 0; k < 3 + ctx->tape[i].count; k++) {
             codir_tensor *t = codir__node_input(&ctx->tape[i], k);
             if (!t || used[t->node - 1]) continue;
+            t = codir__recorded(ctx, t);
             used[t->node - 1] = 1;
             if (!t->retain_grad) offset[t->node - 1] = codir__pool_place(live, &num_live, codir__grad_bytes(t), t->node, &top);
         }
@@ -5168,7 +5216,8 @@ CODIR_DEF int codir_backward_scaled(codir_ctx *ctx, codir_tensor *loss, float se
     }
 
     /* Pass 2 runs it: a gradient buffer is zeroed where pass 1 placed it when its
-       first writer runs and dropped after its own node's step. */
+       first writer runs and dropped after its own node's step. A struct copy of an
+       output gets the output's buffer. */
     pool = (char *)codir_arena_alloc(&ctx->arena, top ? top : 1);
     if (!pool) {
         codir_arena_rewind(&ctx->arena, mark);
@@ -5183,20 +5232,32 @@ CODIR_DEF int codir_backward_scaled(codir_ctx *ctx, codir_tensor *loss, float se
         codir_node *node = &ctx->tape[i];
         if (!used[i]) continue;
         for (k = 0; k < 3 + node->count; k++) {
-            codir_tensor *t = codir__node_input(node, k);
-            if (!t || used[t->node - 1]) continue;
-            used[t->node - 1] = 1;
-            if (!t->retain_grad) {
-                t->grad = (float *)(pool + offset[t->node - 1]);
-                memset(t->grad, 0, t->numel * sizeof(float));
+            codir_tensor *t = codir__node_input(node, k), *o;
+            if (!t) continue;
+            o = codir__recorded(ctx, t);
+            if (!used[o->node - 1]) {
+                used[o->node - 1] = 1;
+                if (!o->retain_grad) {
+                    o->grad = (float *)(pool + offset[o->node - 1]);
+                    memset(o->grad, 0, o->numel * sizeof(float));
+                }
             }
+            t->grad = o->grad;
         }
         rc = codir__node_backward(ctx, node);
         if (!node->out->retain_grad) node->out->grad = NULL;
         codir_arena_rewind(&ctx->arena, node_mark); /* the node's scratch */
     }
-    for (i = 0; i < n; i++)
-        if (!ctx->tape[i].out->retain_grad) ctx->tape[i].out->grad = NULL;
+
+    /* Gradients of op outputs, and of their copies, end with the walk. */
+    for (i = 0; i < n; i++) {
+        codir_tensor *o = ctx->tape[i].out;
+        if (!o->retain_grad) o->grad = NULL;
+        for (k = 0; k < 3 + ctx->tape[i].count; k++) {
+            codir_tensor *t = codir__node_input(&ctx->tape[i], k);
+            if (t) t->grad = codir__recorded(ctx, t)->grad;
+        }
+    }
     codir_arena_rewind(&ctx->arena, mark);
     return rc;
 }
@@ -7990,7 +8051,9 @@ typedef struct codir__adamw_consts {
        p = p - step_size m / (sqrt(v) / bc2_sqrt + eps)
    Compilers leave this loop scalar, because sqrtf may set errno. The SIMD versions
    below do the same operations in the same order, each correctly rounded, so every
-   version gives the same bits. */
+   version gives the same bits when the compiler does not fuse a multiply and an add
+   (ISO modes such as -std=c11, or -ffp-contract=off). GNU modes and C++ let GCC fuse
+   them, differently in each version, which changes the last bit of some values. */
 static void codir__adamw_scalar(float *p, const float *g, float *m, float *v, size_t n, const codir__adamw_consts *c)
 {
     size_t k;
@@ -8003,6 +8066,7 @@ static void codir__adamw_scalar(float *p, const float *g, float *m, float *v, si
 }
 
 #if defined(CODIR__SIMD_AVX512)
+CODIR__QUIET_UNDEFINED_BEGIN
 CODIR__SIMD_TARGET_AVX512 static void codir__adamw_avx512(float *p, const float *g, float *m, float *v, size_t n,
                                                           const codir__adamw_consts *c)
 {
@@ -8021,6 +8085,7 @@ CODIR__SIMD_TARGET_AVX512 static void codir__adamw_avx512(float *p, const float 
     }
     codir__adamw_scalar(p + k, g + k, m + k, v + k, n - k, c);
 }
+CODIR__QUIET_UNDEFINED_END
 #endif
 
 #if defined(CODIR__SIMD_AVX2)

@@ -55,7 +55,7 @@ srcs="tests/main.c tests/test_*.c"
 
 echo "== header builds"
 check "C11 strict warnings" $CC $warn -O2 -fopenmp -c tests/main.c -o "$build/main.o"
-check "C++ build" $CXX -x c++ -std=c++17 -Wall -Wextra -Werror -fopenmp -c tests/main.c -o "$build/main_cpp.o"
+check "C++ build" $CXX -x c++ -std=c++17 -O2 -Wall -Wextra -Werror -fopenmp -c tests/main.c -o "$build/main_cpp.o"
 printf '#include "../codir.h"\nint other_unit(void) { return codir_last_error()[0]; }\n' >"$build/two.c"
 cp "$build/two.c" tests/.two_tu_tmp.c
 check "two translation units link" sh -c "$CC $warn -O1 -c tests/.two_tu_tmp.c -o $build/two.o &&

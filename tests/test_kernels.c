@@ -2401,6 +2401,84 @@ done:
     codir_ctx_free(&ctx);
 }
 
+/* A struct copy of an op output with another shape (the way to reshape) shares the
+   output's gradient: the leaf gradients equal those without the copy, bit for bit. A
+   copy with another size is rejected by name. */
+static void test_autograd_struct_copy_view(void)
+{
+    float grads[2][FUSE_N * FUSE_C + FUSE_OC * FUSE_C];
+    int use_view, bad = 0;
+    size_t k, n = FUSE_N * FUSE_C + FUSE_OC * FUSE_C;
+    for (use_view = 0; use_view <= 1; use_view++) {
+        codir_ctx ctx;
+        fuse_leaves f;
+        codir_tensor *h, view, *loss;
+        if (!make_ctx(&ctx)) return;
+        codir_ctx_begin(&ctx, 1, 0, 0);
+        if (!fuse_leaves_new(&ctx, &f)) {
+            codir_ctx_free(&ctx);
+            return;
+        }
+        h = codir_gelu(&ctx, codir_linear(&ctx, f.x, f.w, NULL));
+        if (!h) {
+            CHECK(0, "forward failed: %s", codir_last_error());
+            codir_ctx_free(&ctx);
+            return;
+        }
+        view = *h;
+        view.ndim = 1;
+        view.shape[0] = (int)h->numel;
+        view.shape[1] = 1;
+        loss = codir_mse(&ctx, use_view ? &view : h, f.target);
+        CHECK(loss && codir_backward(&ctx, loss) == CODIR_OK, "backward with view %d: %s", use_view, codir_last_error());
+        memcpy(grads[use_view], f.x->grad, f.x->numel * sizeof(float));
+        memcpy(grads[use_view] + f.x->numel, f.w->grad, f.w->numel * sizeof(float));
+        CHECK(view.grad == NULL && h->grad == NULL, "view %d: an op output kept its gradient", use_view);
+        if (use_view) {
+            /* The same copy with fewer values cannot stand for the output. */
+            view.shape[0] = (int)h->numel - 1;
+            view.numel = h->numel - 1;
+            codir_ctx_begin(&ctx, 1, 0, 1);
+            if (fuse_leaves_new(&ctx, &f)) {
+                h = codir_linear(&ctx, f.x, f.w, NULL);
+                if (h) {
+                    view = *h;
+                    view.numel = h->numel - 1;
+                    view.shape[0] = (int)view.numel;
+                    view.ndim = 1;
+                    loss = codir_mse(&ctx, &view, f.target);
+                    codir_clear_error();
+                    CHECK(loss && codir_backward(&ctx, loss) == CODIR_ERR_INVALID, "a copy with fewer values was accepted");
+                    CHECK(strstr(codir_last_error(), "input 0 of op 1 is not an output of an earlier op") != NULL,
+                          "reason: %s", codir_last_error());
+                }
+            }
+        }
+        codir_ctx_free(&ctx);
+    }
+    for (k = 0; k < n; k++) bad += memcmp(&grads[0][k], &grads[1][k], sizeof(float)) != 0;
+    CHECK(bad == 0, "%d leaf gradients differ through a reshaped copy", bad);
+}
+
+/* A NULL term with a nonzero weight is named, not failed silently. */
+static void test_weighted_sum_null_term(void)
+{
+    codir_ctx ctx;
+    codir_tensor *terms[2], *sum;
+    float weights[2] = {1.0f, 0.5f};
+    int one = 1;
+    if (!make_ctx(&ctx)) return;
+    codir_ctx_begin(&ctx, 1, 0, 0);
+    terms[0] = codir_tensor_new(&ctx, 1, &one, 1);
+    terms[1] = NULL;
+    if (terms[0]) terms[0]->data[0] = 2.0f;
+    codir_clear_error();
+    sum = codir_weighted_sum(&ctx, terms, weights, 2);
+    CHECK(sum == NULL && ctx.status == CODIR_ERR_INVALID, "a NULL term with weight 0.5 was accepted");
+    CHECK(strstr(codir_last_error(), "term 1 is NULL but its weight is 0.5") != NULL, "reason: %s", codir_last_error());
+    codir_ctx_free(&ctx);
+}
+
 /* Ops whose output does not lead to the loss are skipped: a parameter reached only
    through a second, unused loss gets no gradient, not even a zero added to NaN. */
 static void test_autograd_skips_dead_branch(void)
@@ -2763,6 +2841,8 @@ const test_case tests_kernels[] = {
     {"autograd fused ops match their parts", test_autograd_fused_ops},
     {"autograd retain_grad", test_autograd_retain_grad},
     {"autograd skips ops off the loss path", test_autograd_skips_dead_branch},
+    {"autograd struct copy of an op output", test_autograd_struct_copy_view},
+    {"autograd weighted sum names a NULL term", test_weighted_sum_null_term},
     {"autograd backward pool and no-tape forward", test_autograd_backward_pool},
     {"autograd bad token id", test_autograd_bad_token},
     {"autograd bad label", test_autograd_bad_label},
