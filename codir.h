@@ -1770,10 +1770,9 @@ CODIR_DEF void codir_params_free(codir_params *params)
     memset(params, 0, sizeof *params);
 }
 
-CODIR_DEF void codir_params_zero_grad(codir_params *params)
-{
-    memset(params->grad, 0, params->count * sizeof(float));
-}
+static void codir__zero_floats(float *p, size_t n);
+
+CODIR_DEF void codir_params_zero_grad(codir_params *params) { codir__zero_floats(params->grad, params->count); }
 
 CODIR_DEF codir_tensor *codir_params_find(const codir_params *params, const char *name)
 {
@@ -2021,12 +2020,12 @@ static int codir__gemm(codir_gemm_ws *ws, int trans_a, int trans_b, int m, int n
 static int codir__linear_forward(struct codir_gemm_ws *ws, float *out, const float *inp, const float *w,
                                  const float *w_packed, const float *b, int N, int C, int OC)
 {
-    int i, o;
+    int i;
     if (!b) return codir__gemm(ws, 0, 1, N, OC, C, 1.0f, inp, C, w, C, w_packed, 0.0f, out, OC);
 
     /* Start from the bias and let GEMM add x W^T onto it. */
-    for (i = 0; i < N; i++)
-        for (o = 0; o < OC; o++) out[(size_t)i * OC + o] = b[o];
+    CODIR__OMP_FOR((double)N * OC)
+    for (i = 0; i < N; i++) memcpy(out + (size_t)i * OC, b, (size_t)OC * sizeof(float));
     return codir__gemm(ws, 0, 1, N, OC, C, 1.0f, inp, C, w, C, w_packed, 1.0f, out, OC);
 }
 
@@ -2199,6 +2198,19 @@ CODIR_DEF void codir_layernorm_backward(float *dinp, float *dgamma, float *dbeta
 #define CODIR__SQRT1_2 0.70710678118654752440
 #define CODIR__INV_SQRT_2PI 0.39894228040143267794
 #define CODIR__VEC_BLOCK 2048  /* elements per task when a kernel is split over threads */
+
+/* Sets p[0..n) to zero, split over threads when large: zeroing gradient buffers was a
+   serial tenth of the CoDIR step on 2 threads. */
+static void codir__zero_floats(float *p, size_t n)
+{
+    const size_t chunk = 16 * CODIR__VEC_BLOCK;
+    long block, blocks = (long)((n + chunk - 1) / chunk);
+    CODIR__OMP_FOR(n)
+    for (block = 0; block < blocks; block++) {
+        size_t lo = (size_t)block * chunk;
+        memset(p + lo, 0, (n - lo < chunk ? n - lo : chunk) * sizeof(float));
+    }
+}
 
 /* The loop bodies below are inlined into one copy per instruction set. */
 #if defined(__GNUC__) || defined(__clang__)
@@ -4982,7 +4994,7 @@ static int codir__node_backward(codir_ctx *ctx, const codir_node *n)
         codir_gelu_forward(g, x->data, x->numel);
         rc = codir_linear_backward(ctx->gemm, NULL, y->grad, z ? z->grad : NULL, out->grad, g, y->data, N, C, OC);
         if (rc || !dx) return rc;
-        memset(g, 0, x->numel * sizeof(float));
+        codir__zero_floats(g, x->numel);
         rc = codir_linear_backward(ctx->gemm, g, NULL, NULL, out->grad, x->data, y->data, N, C, OC);
         if (rc) return rc;
         codir_gelu_backward(dx, x->data, g, x->numel);
@@ -5239,7 +5251,7 @@ CODIR_DEF int codir_backward_scaled(codir_ctx *ctx, codir_tensor *loss, float se
                 used[o->node - 1] = 1;
                 if (!o->retain_grad) {
                     o->grad = (float *)(pool + offset[o->node - 1]);
-                    memset(o->grad, 0, o->numel * sizeof(float));
+                    codir__zero_floats(o->grad, o->numel);
                 }
             }
             t->grad = o->grad;
