@@ -121,7 +121,8 @@ CODIR_DEF void codir_clear_error(void);
 
 /* A float32 tensor of up to 4 dimensions, contiguous and row-major. Parameters point
    into one allocation per model (codir_params); activations point into the per-step
-   arena of a codir_ctx. */
+   arena of a codir_ctx. A tensor filled in by hand must start zeroed
+   (codir_tensor t = {0}), because ops read every field below. */
 typedef struct codir_tensor {
     float *data;                /* [numel] values */
     float *grad;                /* [numel] gradient, or NULL when none is tracked. An op
@@ -599,9 +600,11 @@ CODIR_DEF void codir_model_free(codir_model *model);
    classifier's) once in the matrix-multiply kernel's layout, so forward passes skip
    that step, which costs as much as the product at batch 1. For a model whose weights
    no longer change: a model being served, a frozen teacher. The copies take as much
-   memory as those weights. codir_adamw_step, codir_params_copy and
-   codir_model_init_from drop the copies of the tensors they change; after changing
-   weights any other way, call codir_model_unpack (or codir_model_pack again). */
+   memory as those weights, until codir_model_unpack or codir_model_free (struct copies
+   of the model's tensors must not be used after either). codir_adamw_step,
+   codir_params_copy, codir_model_init_from and codir_checkpoint_load stop using the
+   copies of the tensors they change; after changing weights any other way, call
+   codir_model_unpack (or codir_model_pack again). */
 CODIR_DEF int codir_model_pack(codir_model *model);
 CODIR_DEF void codir_model_unpack(codir_model *model);
 
@@ -1772,6 +1775,39 @@ CODIR_DEF void codir_params_free(codir_params *params)
 
 static void codir__zero_floats(float *p, size_t n);
 
+/* What a packed copy of a weight (codir_model_pack) was made from. It sits in the 16
+   floats before the copy, so the copy stays 64-byte aligned. A struct copy of the
+   weight carries the same `packed` pointer: the check below lets it use the packed
+   copy only while that still matches its own data and shape. */
+typedef struct codir__pack_header {
+    const float *source;
+    int rows, cols;
+    int valid;                  /* 0 once the weight changed */
+} codir__pack_header;
+#define CODIR__PACK_HEADER_FLOATS 16
+
+static codir__pack_header *codir__pack_header_of(const float *packed)
+{
+    return (codir__pack_header *)(void *)(uintptr_t)(packed - CODIR__PACK_HEADER_FLOATS);
+}
+
+/* Marks t's packed copy stale (for every struct copy of t too) and drops it from t. */
+static void codir__drop_pack(codir_tensor *t)
+{
+    if (t->packed) codir__pack_header_of(t->packed)->valid = 0;
+    t->packed = NULL;
+}
+
+/* Returns w's packed copy when it was made from w's current values and shape, else NULL. */
+static const float *codir__usable_pack(const codir_tensor *w)
+{
+    const codir__pack_header *h;
+    if (!w->packed) return NULL;
+    h = codir__pack_header_of(w->packed);
+    return h->valid && h->source == w->data && w->ndim == 2 && h->rows == w->shape[0] && h->cols == w->shape[1]
+               ? w->packed : NULL;
+}
+
 CODIR_DEF void codir_params_zero_grad(codir_params *params) { codir__zero_floats(params->grad, params->count); }
 
 CODIR_DEF codir_tensor *codir_params_find(const codir_params *params, const char *name)
@@ -1798,7 +1834,7 @@ CODIR_DEF int codir_params_copy(codir_params *dst, const codir_params *src)
                                s->name, t->name);
     }
     memcpy(dst->data, src->data, src->count * sizeof(float));
-    for (i = 0; i < dst->num_tensors; i++) dst->tensors[i].packed = NULL; /* now stale */
+    for (i = 0; i < dst->num_tensors; i++) codir__drop_pack(&dst->tensors[i]); /* now stale */
     return CODIR_OK;
 }
 
@@ -2415,24 +2451,51 @@ CODIR_DEF void codir_softmax_backward(float *dinp, const float *out, const float
    Q, K and V of head h are columns h*HS.. of the three thirds of a qkv row, so their
    leading dimension is 3C. The GEMM section defines codir__gemm_serial. */
 static size_t codir__gemm_serial_floats(int m, int n, int k);
+static int codir__gemm_nr(void);
 static void codir__gemm_serial(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
                                const float *b, int ldb, float beta, float *c, int ldc, float *pack);
 
-/* Floats of GEMM packing buffer that one thread's products need. */
+/* Floats of GEMM packing buffer that one thread's products need, in either
+   orientation of the T x HS products (see codir__attention_mix). */
 static size_t codir__attention_pack_floats(int T, int HS)
 {
-    size_t scores = codir__gemm_serial_floats(T, T, HS);
-    size_t mixes = codir__gemm_serial_floats(T, HS, T);
-    return scores > mixes ? scores : mixes;
+    size_t scores = codir__gemm_serial_floats(T, T, HS), most = scores;
+    size_t mixes = codir__gemm_serial_floats(T, HS, T), turned = codir__gemm_serial_floats(HS, T, T);
+    if (mixes > most) most = mixes;
+    return turned > most ? turned : most;
 }
 
-/* Per thread: the packing buffer, one T x T block of scores, and the keys and values
-   of one head (T x HS each) with the rows of padded tokens zeroed. */
+/* Per thread: the packing buffer, one T x T block of scores, the keys and values of
+   one head (T x HS each) with the rows of padded tokens zeroed, and one T x HS block
+   for a transposed product. */
 CODIR_DEF size_t codir_attention_scratch(int T, int C, int NH)
 {
     int HS = NH > 0 ? C / NH : 0;
     if (T <= 0 || HS <= 0) return 0;
-    return codir__attention_pack_floats(T, HS) + (size_t)T * T + 2 * (size_t)T * HS;
+    return codir__attention_pack_floats(T, HS) + (size_t)T * T + 3 * (size_t)T * HS;
+}
+
+/* c[T, HS] (row stride ldc) = op(a)[T, K] op(b)[K, HS], plus c when accumulate is 1.
+   When HS is not a multiple of the micro-kernel's NR columns (a head size of 32
+   against AVX-512's 64), half of every tile would be padding, so the product runs
+   transposed, c^T = op(b)^T op(a)^T with T columns, into tmp[HS, T] and is added back
+   row by row. Both orders sum over K alike, so the results are the same bits. */
+static void codir__attention_mix(int trans_a, int trans_b, int T, int HS, int K, const float *a, int lda,
+                                 const float *b, int ldb, int accumulate, float *c, int ldc, float *tmp, float *pack)
+{
+    int t, j;
+    if (HS % codir__gemm_nr() == 0) {
+        codir__gemm_serial(trans_a, trans_b, T, HS, K, 1.0f, a, lda, b, ldb, accumulate ? 1.0f : 0.0f, c, ldc, pack);
+        return;
+    }
+    codir__gemm_serial(!trans_b, !trans_a, HS, T, K, 1.0f, b, ldb, a, lda, 0.0f, tmp, T, pack);
+    for (t = 0; t < T; t++) {
+        float *row = c + (size_t)t * ldc;
+        if (accumulate)
+            for (j = 0; j < HS; j++) row[j] += tmp[(size_t)j * T + t];
+        else
+            for (j = 0; j < HS; j++) row[j] = tmp[(size_t)j * T + t];
+    }
 }
 
 /* Returns one head's keys or values (T rows of HS at x, row stride 3C) for the GEMMs:
@@ -2524,7 +2587,7 @@ CODIR_DEF void codir_attention_forward(float *out, float *att, const float *qkv,
     for (bh = 0; bh < B * NH; bh++) {
         int b = bh / NH, h = bh % NH, ldv;
         float *mine = codir__thread_scratch(scratch, per_thread);
-        float *scores = mine + pack, *vbuf = scores + (size_t)T * T + (size_t)T * HS;
+        float *scores = mine + pack, *vbuf = scores + (size_t)T * T + (size_t)T * HS, *tmp = vbuf + (size_t)T * HS;
         const int *keep = mask + (size_t)b * T;
         const float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
         const float *v = codir__attention_kept_rows(q + 2 * C, C, keep, T, HS, vbuf, &ldv);
@@ -2532,7 +2595,7 @@ CODIR_DEF void codir_attention_forward(float *out, float *att, const float *qkv,
         /* Scores of padded keys are computed but never read: the softmax skips them. */
         codir__gemm_serial(0, 1, T, T, HS, scale, q, 3 * C, q + C, 3 * C, 0.0f, p, T, mine);
         codir__attention_softmax(p, keep, T);
-        codir__gemm_serial(0, 0, T, HS, T, 1.0f, p, T, v, ldv, 0.0f, out + (size_t)b * T * C + (size_t)h * HS, C, mine);
+        codir__attention_mix(0, 0, T, HS, T, p, T, v, ldv, 0, out + (size_t)b * T * C + (size_t)h * HS, C, tmp, mine);
     }
 }
 
@@ -2554,7 +2617,7 @@ CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const fl
     for (bh = 0; bh < B * NH; bh++) {
         int b = bh / NH, h = bh % NH, t, j, ldk, ldv;
         float *mine = codir__thread_scratch(scratch, per_thread);
-        float *ds = mine + pack, *kbuf = ds + (size_t)T * T, *vbuf = kbuf + (size_t)T * HS;
+        float *ds = mine + pack, *kbuf = ds + (size_t)T * T, *vbuf = kbuf + (size_t)T * HS, *tmp = vbuf + (size_t)T * HS;
         const int *keep = mask + (size_t)b * T;
         const float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
         const float *k = codir__attention_kept_rows(q + C, C, keep, T, HS, kbuf, &ldk);
@@ -2564,7 +2627,7 @@ CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const fl
         float *dq = dqkv + (size_t)b * T * 3 * C + (size_t)h * HS;
 
         codir__gemm_serial(0, 1, T, T, HS, 1.0f, dy, C, v, ldv, 0.0f, ds, T, mine);
-        codir__gemm_serial(1, 0, T, HS, T, 1.0f, p, T, dy, C, 1.0f, dq + 2 * C, 3 * C, mine);
+        codir__attention_mix(1, 0, T, HS, T, p, T, dy, C, 1, dq + 2 * C, 3 * C, tmp, mine);
         for (t = 0; t < T; t++) {
             const float *pt = p + (size_t)t * T;
             float *dst = ds + (size_t)t * T;
@@ -2572,8 +2635,8 @@ CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const fl
             for (j = 0; j < T; j++) dot += (double)pt[j] * dst[j];
             for (j = 0; j < T; j++) dst[j] = pt[j] * (dst[j] - (float)dot) * scale;
         }
-        codir__gemm_serial(0, 0, T, HS, T, 1.0f, ds, T, k, ldk, 1.0f, dq, 3 * C, mine);
-        codir__gemm_serial(1, 0, T, HS, T, 1.0f, ds, T, q, 3 * C, 1.0f, dq + C, 3 * C, mine);
+        codir__attention_mix(0, 0, T, HS, T, ds, T, k, ldk, 1, dq, 3 * C, tmp, mine);
+        codir__attention_mix(1, 0, T, HS, T, ds, T, q, 3 * C, 1, dq + C, 3 * C, tmp, mine);
     }
 }
 
@@ -3542,6 +3605,9 @@ static const codir__gemm_kernel *codir__gemm_select_kernel(void)
 
 CODIR_DEF const char *codir_gemm_kernel_name(void) { return codir__gemm_select_kernel()->name; }
 
+/* Columns of C that one micro-kernel call computes. */
+static int codir__gemm_nr(void) { return codir__gemm_select_kernel()->nr; }
+
 /* ---- GEMM: workspace ---- */
 
 /* One packing buffer: `data` is `raw` rounded up to CODIR__GEMM_ALIGN bytes. */
@@ -4367,7 +4433,8 @@ CODIR_DEF codir_tensor *codir_linear(codir_ctx *ctx, codir_tensor *x, codir_tens
     rg = codir__needs_grad(ctx, x, w, b);
     out = codir__new_like(ctx, x, OC);
     if (!out) return NULL;
-    rc = codir__linear_forward(ctx->gemm, out->data, x->data, w->data, w->packed, b ? b->data : NULL, N, C, OC);
+    rc = codir__linear_forward(ctx->gemm, out->data, x->data, w->data, codir__usable_pack(w), b ? b->data : NULL, N, C,
+                               OC);
     if (rc) return codir__op_failed(ctx, rc);
     if (rg && !(node = codir__record(ctx, CODIR__OP_LINEAR, out, x, w, b))) return NULL;
     return out;
@@ -4394,7 +4461,7 @@ CODIR_DEF codir_tensor *codir_gelu_linear(codir_ctx *ctx, codir_tensor *x, codir
     mark = codir_arena_mark(&ctx->arena);
     if (!(g = codir__scratch(ctx, x->numel))) return NULL;
     codir_gelu_forward(g, x->data, x->numel);
-    rc = codir__linear_forward(ctx->gemm, out->data, g, w->data, w->packed, b ? b->data : NULL, N, C, OC);
+    rc = codir__linear_forward(ctx->gemm, out->data, g, w->data, codir__usable_pack(w), b ? b->data : NULL, N, C, OC);
     codir_arena_rewind(&ctx->arena, mark);
     if (rc) return codir__op_failed(ctx, rc);
     if (rg && !codir__record(ctx, CODIR__OP_GELU_LINEAR, out, x, w, b)) return NULL;
@@ -5112,8 +5179,9 @@ static codir_tensor *codir__node_input(const codir_node *n, int k)
 static codir_tensor *codir__recorded(const codir_ctx *ctx, const codir_tensor *t) { return ctx->tape[t->node - 1].out; }
 
 /* Checks that every op-output input of the tape, and the loss, stands for an output of
-   this tape with its number of values: the tensor itself or a struct copy of it. */
-static int codir__check_tape_inputs(const codir_ctx *ctx, const codir_tensor *loss)
+   this tape with its number of values: the tensor itself or a struct copy of it. A
+   codir_retain_grad on a copy passes to the output. */
+static int codir__check_tape_inputs(codir_ctx *ctx, const codir_tensor *loss)
 {
     int i, k;
     if (!loss || loss->numel != 1 || !loss->node || loss->node > ctx->tape_len ||
@@ -5127,6 +5195,7 @@ static int codir__check_tape_inputs(const codir_ctx *ctx, const codir_tensor *lo
                 return codir__fail(CODIR_ERR_INVALID,
                                    "backward: input %d of op %d is not an output of an earlier op of this step, "
                                    "nor a copy of one with the same number of values", k, i);
+            if (t && t->retain_grad) codir__recorded(ctx, t)->retain_grad = 1; /* asked on a copy */
         }
     return CODIR_OK;
 }
@@ -5486,13 +5555,14 @@ CODIR_DEF int codir_model_pack(codir_model *model)
     size_t total = 0, offset = 0, per;
     float *base;
     int i, count;
+    if (!model) return codir__fail(CODIR_ERR_INVALID, "codir_model_pack: model is NULL");
     codir_model_unpack(model);
     list = (codir_tensor **)codir__calloc((size_t)4 * model->cfg.num_layers + 3, sizeof *list);
     if (!list) return CODIR_ERR_NOMEM;
     count = codir__model_linear_weights(model, list);
     for (i = 0; i < count; i++) {
-        /* Whole 64-byte blocks each, so every copy starts aligned. */
-        per = (codir__gemm_packed_b_floats(list[i]->shape[0], list[i]->shape[1]) + 15) / 16 * 16;
+        /* A header and whole 64-byte blocks each, so every copy starts aligned. */
+        per = CODIR__PACK_HEADER_FLOATS + (codir__gemm_packed_b_floats(list[i]->shape[0], list[i]->shape[1]) + 15) / 16 * 16;
         if (!codir__size_add(total, per, &total)) {
             codir__free(list);
             return codir__fail(CODIR_ERR_OVERFLOW, "packed weights overflow size_t");
@@ -5506,9 +5576,15 @@ CODIR_DEF int codir_model_pack(codir_model *model)
     base = (float *)codir__align_ptr((char *)model->packed);
     for (i = 0; i < count; i++) {
         codir_tensor *w = list[i];
-        codir__gemm_pack_full_b(1, w->data, w->shape[1], w->shape[0], w->shape[1], base + offset);
-        w->packed = base + offset;
-        offset += (codir__gemm_packed_b_floats(w->shape[0], w->shape[1]) + 15) / 16 * 16;
+        codir__pack_header *h;
+        w->packed = base + offset + CODIR__PACK_HEADER_FLOATS;
+        h = codir__pack_header_of(w->packed);
+        h->source = w->data;
+        h->rows = w->shape[0];
+        h->cols = w->shape[1];
+        h->valid = 1;
+        codir__gemm_pack_full_b(1, w->data, w->shape[1], w->shape[0], w->shape[1], base + offset + CODIR__PACK_HEADER_FLOATS);
+        offset += CODIR__PACK_HEADER_FLOATS + (codir__gemm_packed_b_floats(w->shape[0], w->shape[1]) + 15) / 16 * 16;
     }
     codir__free(list);
     return CODIR_OK;
@@ -5530,7 +5606,7 @@ static int codir__copy_tensor(codir_tensor *dst, const codir_tensor *src)
         return codir__fail(CODIR_ERR_INVALID, "cannot copy %s (%zu values) into %s (%zu values)", src->name, src->numel,
                            dst->name, dst->numel);
     memcpy(dst->data, src->data, src->numel * sizeof(float));
-    dst->packed = NULL;
+    codir__drop_pack(dst);
     return CODIR_OK;
 }
 
@@ -8166,7 +8242,7 @@ CODIR_DEF void codir_adamw_step(codir_adamw *opt, codir_params *params, float lr
         long block, blocks = (long)((t->numel + CODIR__VEC_BLOCK - 1) / CODIR__VEC_BLOCK);
         float *p = t->data, *g = t->grad, *m = opt->m + off, *v = opt->v + off;
         codir__adamw_consts ct = c;
-        t->packed = NULL; /* the weights change: a packed copy would be stale */
+        codir__drop_pack(t); /* the weights change: a packed copy would be stale */
         ct.decay = t->no_decay ? 1.0f : 1.0f - lr * opt->weight_decay;
         CODIR__OMP_FOR(8 * t->numel)
         for (block = 0; block < blocks; block++) {
@@ -10996,7 +11072,7 @@ CODIR_DEF codir_teacher_cache *codir_teacher_cache_build(codir_ctx *ctx, const c
     if (c->feature_dim)
         c->features = (float *)codir__calloc((size_t)(enc->count ? enc->count : 1), (size_t)c->feature_dim * sizeof(float));
     if (!c->logits || (c->feature_dim && !c->features) || codir__order_by_length(enc, &order) ||
-        codir_batch_init(&batch, batch_size, enc->max_len)) {
+        codir_batch_init(&batch, enc->count > 0 && enc->count < batch_size ? enc->count : batch_size, enc->max_len)) {
         codir__free(order);
         codir_teacher_cache_free(c);
         return NULL;
@@ -11049,7 +11125,7 @@ CODIR_DEF int codir_predict(codir_ctx *ctx, const codir_model *model, const codi
     if (enc->count < 1) return codir__fail(CODIR_ERR_INVALID, "cannot predict on an empty data set");
     rc = codir__order_by_length(enc, &order);
     if (rc) return rc;
-    rc = codir_batch_init(&batch, batch_size, enc->max_len);
+    rc = codir_batch_init(&batch, batch_size < enc->count ? batch_size : enc->count, enc->max_len);
     if (rc) {
         codir__free(order);
         return rc;

@@ -2435,6 +2435,12 @@ static void test_autograd_struct_copy_view(void)
         memcpy(grads[use_view] + f.x->numel, f.w->grad, f.w->numel * sizeof(float));
         CHECK(view.grad == NULL && h->grad == NULL, "view %d: an op output kept its gradient", use_view);
         if (use_view) {
+            /* codir_retain_grad on the copy keeps the output's gradient for both. */
+            codir_retain_grad(&view);
+            CHECK(codir_backward(&ctx, loss) == CODIR_OK, "backward with a retained copy: %s", codir_last_error());
+            CHECK(view.grad != NULL && view.grad == h->grad, "the retained copy has no gradient");
+        }
+        if (use_view) {
             /* The same copy with fewer values cannot stand for the output. */
             view.shape[0] = (int)h->numel - 1;
             view.numel = h->numel - 1;

@@ -1826,7 +1826,51 @@ static void test_packed_weights(void)
     for (i = 0; i < (size_t)B * 3; i++) bad += memcmp(&packed.logits->data[i], &want[n + i], sizeof(float)) != 0;
     CHECK(bad == 0, "%zu values of the packed forward pass differ from the unpacked one", bad);
 
-    /* Whatever changes weights drops their packed copies. */
+    /* A struct copy viewing a packed weight [40, 600] as [80, 300] cannot use the
+       packed copy, whose panels and blocks follow the other shape: its product
+       equals the unpacked one. */
+    {
+        codir_tensor view = *m->layers[0].ffn_down_w, *x, *y_packed;
+        int shape[2] = {3, 300};
+        float y_plain[3 * 80];
+        view.shape[0] = 80;
+        view.shape[1] = 300;
+        codir_ctx_begin(&ctx, 0, 0, 0);
+        x = codir_tensor_new(&ctx, 2, shape, 0);
+        if (x) {
+            for (i = 0; i < x->numel; i++) x->data[i] = (float)((i * 37) % 11) - 5.0f;
+            y_packed = codir_linear(&ctx, x, &view, NULL);
+            CHECK(codir_linear_forward(NULL, y_plain, x->data, view.data, NULL, 3, 300, 80) == CODIR_OK, "linear: %s",
+                  codir_last_error());
+            for (i = 0, bad = 0; y_packed && i < 3 * 80; i++)
+                bad += memcmp(&y_packed->data[i], &y_plain[i], sizeof(float)) != 0;
+            CHECK(y_packed && bad == 0, "%zu values through a reshaped view of a packed weight differ", bad);
+        }
+    }
+    CHECK(codir_model_pack(NULL) == CODIR_ERR_INVALID, "codir_model_pack(NULL) did not fail");
+
+    /* Whatever changes weights drops their packed copies, also for struct copies made
+       before the change. */
+    {
+        codir_tensor copy = *m->cls_w, *x, *y;
+        int shape[2] = {2, 40};
+        float want_y[2 * 3];
+        codir_params_zero_grad(&m->params);
+        for (i = 0; i < m->params.count; i++) m->params.grad[i] = 0.5f;
+        if (codir_adamw_init(&opt, &m->params, 0.9f, 0.98f, 1e-6f, 0.01f) == CODIR_OK) {
+            codir_adamw_step(&opt, &m->params, 0.01f);
+            codir_adamw_free(&opt);
+        }
+        codir_ctx_begin(&ctx, 0, 0, 0);
+        x = codir_tensor_new(&ctx, 2, shape, 0);
+        if (x) {
+            for (i = 0; i < x->numel; i++) x->data[i] = (float)(i % 7) - 3.0f;
+            y = codir_linear(&ctx, x, &copy, NULL);
+            codir_linear_forward(NULL, want_y, x->data, m->cls_w->data, NULL, 2, 40, 3);
+            for (i = 0, bad = 0; y && i < 6; i++) bad += memcmp(&y->data[i], &want_y[i], sizeof(float)) != 0;
+            CHECK(y && bad == 0, "a copy of a weight used its packed values after an AdamW step (%zu differ)", bad);
+        }
+    }
     codir_params_zero_grad(&m->params);
     if (codir_adamw_init(&opt, &m->params, 0.9f, 0.98f, 1e-6f, 0.01f) == CODIR_OK) {
         codir_adamw_step(&opt, &m->params, 0.01f);
