@@ -2370,7 +2370,7 @@ static void test_autograd_fused_ops(void)
 }
 
 /* A retained op output keeps its gradient, here the closed form 2 (y - target) / n of
-   a mean squared error; the others are NULL after backward. */
+   a mean squared error. The other op outputs have none after backward. */
 static void test_autograd_retain_grad(void)
 {
     codir_ctx ctx;
@@ -2433,12 +2433,14 @@ static void test_autograd_struct_copy_view(void)
         CHECK(loss && codir_backward(&ctx, loss) == CODIR_OK, "backward with view %d: %s", use_view, codir_last_error());
         memcpy(grads[use_view], f.x->grad, f.x->numel * sizeof(float));
         memcpy(grads[use_view] + f.x->numel, f.w->grad, f.w->numel * sizeof(float));
-        CHECK(view.grad == NULL && h->grad == NULL, "view %d: an op output kept its gradient", use_view);
+        CHECK(view.grad == NULL, "view %d: the copy kept a gradient", use_view);
+        CHECK(h->grad == NULL, "view %d: the op output kept its gradient", use_view);
         if (use_view) {
             /* codir_retain_grad on the copy keeps the output's gradient for both. */
             codir_retain_grad(&view);
             CHECK(codir_backward(&ctx, loss) == CODIR_OK, "backward with a retained copy: %s", codir_last_error());
-            CHECK(view.grad != NULL && view.grad == h->grad, "the retained copy has no gradient");
+            CHECK(view.grad != NULL, "the retained copy has no gradient");
+            CHECK(view.grad == h->grad, "the retained copy and its output have different gradients");
         }
         if (use_view) {
             /* The same copy with fewer values cannot stand for the output. */
@@ -2480,7 +2482,8 @@ static void test_weighted_sum_null_term(void)
     if (terms[0]) terms[0]->data[0] = 2.0f;
     codir_clear_error();
     sum = codir_weighted_sum(&ctx, terms, weights, 2);
-    CHECK(sum == NULL && ctx.status == CODIR_ERR_INVALID, "a NULL term with weight 0.5 was accepted");
+    CHECK(sum == NULL, "a NULL term with weight 0.5 was accepted");
+    CHECK(ctx.status == CODIR_ERR_INVALID, "status %d after a NULL term, not CODIR_ERR_INVALID", ctx.status);
     CHECK(strstr(codir_last_error(), "term 1 is NULL but its weight is 0.5") != NULL, "reason: %s", codir_last_error());
     codir_ctx_free(&ctx);
 }
@@ -2512,9 +2515,9 @@ done:
     codir_ctx_free(&ctx);
 }
 
-/* The backward pool reuses dead gradients: for a 6-block model the arena grows during
-   backward by much less than one gradient per op output would take, and a forward
-   pass without a tape needs about one block beyond the hidden states. */
+/* The backward pool reuses dead gradients. For a 6-block model the arena grows during
+   backward by much less than one gradient per op output would take. A forward pass
+   without a tape needs about one block beyond the hidden states. */
 static void test_autograd_backward_pool(void)
 {
     codir_config cfg = codir_config_default();

@@ -1745,9 +1745,11 @@ static void test_logits_only_forward(void)
     CHECK(codir_model_forward(&ctx, m, &batch, &full) == CODIR_OK, "forward: %s", codir_last_error());
     CHECK(codir_model_logits(&ctx, m, &batch, &first) == CODIR_OK, "logits: %s", codir_last_error());
     if (!full.logits || !first.logits) goto done;
-    CHECK(first.hidden[L]->ndim == 3 && first.hidden[L]->shape[0] == B && first.hidden[L]->shape[1] == 1 &&
-              first.hidden[L]->shape[2] == cfg.hidden,
-          "last hidden state is not [%d, 1, %d]", B, cfg.hidden);
+    CHECK(first.hidden[L]->ndim == 3, "last hidden state has %d dimensions, not 3", first.hidden[L]->ndim);
+    CHECK(first.hidden[L]->shape[0] == B, "last hidden state has %d rows, not %d", first.hidden[L]->shape[0], B);
+    CHECK(first.hidden[L]->shape[1] == 1, "last hidden state has %d tokens, not 1", first.hidden[L]->shape[1]);
+    CHECK(first.hidden[L]->shape[2] == cfg.hidden, "last hidden state has width %d, not %d", first.hidden[L]->shape[2],
+          cfg.hidden);
     want = alloc_doubles(m->params.count > nl ? m->params.count : nl);
     for (i = 0; i < nl; i++) want[i] = full.logits->data[i];
     check_close("logits-only forward", first.logits->data, want, nl, 1e-6, 1e-5);
@@ -1783,10 +1785,10 @@ done:
     codir_model_free(m);
 }
 
-/* codir_model_pack: the packed weights give the bits of the unpacked forward pass, on
-   widths that leave partial kernel panels and a width past one KC block (FFN 600, so
-   the down projection's k spans three blocks); AdamW, codir_params_copy and
-   codir_model_init_from drop the packed copies of what they change. */
+/* codir_model_pack: the packed weights give the bits of the unpacked forward pass.
+   The widths leave partial kernel panels, and FFN 600 makes the down projection's k
+   span three KC blocks. AdamW, codir_params_copy and codir_model_init_from drop the
+   packed copies of what they change. */
 static void test_packed_weights(void)
 {
     codir_config cfg = train_config(2, 40, 3, 0, 0.0f);
@@ -1817,7 +1819,8 @@ static void test_packed_weights(void)
     memcpy(want + n, plain.logits->data, (size_t)B * 3 * sizeof(float));
 
     CHECK(codir_model_pack(m) == CODIR_OK, "codir_model_pack: %s", codir_last_error());
-    CHECK(m->layers[1].ffn_down_w->packed != NULL && m->cls_w->packed != NULL, "weights were not packed");
+    CHECK(m->layers[1].ffn_down_w->packed != NULL, "the FFN down projection was not packed");
+    CHECK(m->cls_w->packed != NULL, "the classifier was not packed");
     CHECK(m->tok_emb->packed == NULL, "the embedding table was packed");
     codir_ctx_begin(&ctx, 0, 0, 0);
     CHECK(codir_model_forward(&ctx, m, &batch, &packed) == CODIR_OK, "packed forward: %s", codir_last_error());
