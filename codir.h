@@ -475,8 +475,9 @@ CODIR_DEF int codir_backward(codir_ctx *ctx, codir_tensor *loss);
 /* The same with the seed gradient `seed` instead of 1. */
 CODIR_DEF int codir_backward_scaled(codir_ctx *ctx, codir_tensor *loss, float seed);
 /* Keeps the gradient of op output t after the next backward passes, until the next
-   codir_ctx_begin (PyTorch's Tensor.retain_grad). Does nothing for a leaf, which keeps
-   its gradient anyway, or for an output that was not recorded. */
+   codir_ctx_begin (PyTorch's Tensor.retain_grad). t may also be a struct copy of the
+   output that a later op reads; a copy no op reads is not seen. Does nothing for a
+   leaf, which keeps its gradient anyway, or for an output that was not recorded. */
 CODIR_DEF void codir_retain_grad(codir_tensor *t);
 
 /* x[..., C] w[OC, C]^T + b[OC] -> [..., OC]; b may be NULL. */
@@ -600,11 +601,11 @@ CODIR_DEF void codir_model_free(codir_model *model);
    classifier's) once in the matrix-multiply kernel's layout, so forward passes skip
    that step, which costs as much as the product at batch 1. For a model whose weights
    no longer change: a model being served, a frozen teacher. The copies take as much
-   memory as those weights, until codir_model_unpack or codir_model_free (struct copies
-   of the model's tensors must not be used after either). codir_adamw_step,
+   memory as those weights, until codir_model_free. codir_adamw_step,
    codir_params_copy, codir_model_init_from and codir_checkpoint_load stop using the
-   copies of the tensors they change; after changing weights any other way, call
-   codir_model_unpack (or codir_model_pack again). */
+   copies of the tensors they change, and so do struct copies of those tensors. After
+   changing weights any other way, call codir_model_unpack (stop using all copies) or
+   codir_model_pack (pack the new values, in the same block). */
 CODIR_DEF int codir_model_pack(codir_model *model);
 CODIR_DEF void codir_model_unpack(codir_model *model);
 
@@ -2479,7 +2480,9 @@ CODIR_DEF size_t codir_attention_scratch(int T, int C, int NH)
    When HS is not a multiple of the micro-kernel's NR columns (a head size of 32
    against AVX-512's 64), half of every tile would be padding, so the product runs
    transposed, c^T = op(b)^T op(a)^T with T columns, into tmp[HS, T] and is added back
-   row by row. Both orders sum over K alike, so the results are the same bits. */
+   row by row. Both orders sum the same products in the same order; only when K spans
+   several KC blocks and c accumulates do they group the blocks' partial sums
+   differently, which can change the last bit. */
 static void codir__attention_mix(int trans_a, int trans_b, int T, int HS, int K, const float *a, int lda,
                                  const float *b, int ldb, int accumulate, float *c, int ldc, float *tmp, float *pack)
 {
@@ -5004,6 +5007,7 @@ CODIR_DEF codir_tensor *codir_weighted_sum(codir_ctx *ctx, codir_tensor *const *
     float *w;
     double sum = 0.0;
     int i, rg = 0;
+    if (count < 0) return codir__op_error(ctx, CODIR_ERR_INVALID, "weighted sum: count %d is negative", count);
     for (i = 0; i < count; i++) {
         if (!terms[i] && weights[i] != 0.0f) {
             if (ctx->status) return codir__op_failed(ctx, ctx->status); /* an earlier op failed and said why */
@@ -5540,50 +5544,60 @@ static int codir__model_linear_weights(codir_model *model, codir_tensor **list)
     return count;
 }
 
+/* Floats of the block that packs every weight of list[count], headers included. */
+static int codir__packed_block_floats(codir_tensor *const *list, int count, size_t *total)
+{
+    int i;
+    *total = 0;
+    for (i = 0; i < count; i++) {
+        /* A header and whole 64-byte blocks each, so every copy starts aligned. */
+        size_t per = CODIR__PACK_HEADER_FLOATS + (codir__gemm_packed_b_floats(list[i]->shape[0], list[i]->shape[1]) + 15) / 16 * 16;
+        if (!codir__size_add(*total, per, total))
+            return codir__fail(CODIR_ERR_OVERFLOW, "packed weights overflow size_t");
+    }
+    return CODIR_OK;
+}
+
+/* The block stays allocated until codir_model_free: a struct copy of a weight may still
+   point at its header, which now says the copy is stale. */
 CODIR_DEF void codir_model_unpack(codir_model *model)
 {
     int i;
     if (!model) return;
-    for (i = 0; i < model->params.num_tensors; i++) model->params.tensors[i].packed = NULL;
-    codir__free(model->packed);
-    model->packed = NULL;
+    for (i = 0; i < model->params.num_tensors; i++) codir__drop_pack(&model->params.tensors[i]);
 }
 
 CODIR_DEF int codir_model_pack(codir_model *model)
 {
     codir_tensor **list;
-    size_t total = 0, offset = 0, per;
+    size_t total, offset = 0;
     float *base;
-    int i, count;
+    int i, count, rc;
     if (!model) return codir__fail(CODIR_ERR_INVALID, "codir_model_pack: model is NULL");
     codir_model_unpack(model);
     list = (codir_tensor **)codir__calloc((size_t)4 * model->cfg.num_layers + 3, sizeof *list);
     if (!list) return CODIR_ERR_NOMEM;
     count = codir__model_linear_weights(model, list);
-    for (i = 0; i < count; i++) {
-        /* A header and whole 64-byte blocks each, so every copy starts aligned. */
-        per = CODIR__PACK_HEADER_FLOATS + (codir__gemm_packed_b_floats(list[i]->shape[0], list[i]->shape[1]) + 15) / 16 * 16;
-        if (!codir__size_add(total, per, &total)) {
-            codir__free(list);
-            return codir__fail(CODIR_ERR_OVERFLOW, "packed weights overflow size_t");
-        }
-    }
-    model->packed = (float *)codir__calloc(total + 16, sizeof(float));
-    if (!model->packed) {
+    rc = codir__packed_block_floats(list, count, &total);
+    /* The model's shapes never change, so a second packing reuses the first block. */
+    if (!rc && !model->packed && !(model->packed = (float *)codir__calloc(total + 16, sizeof(float))))
+        rc = CODIR_ERR_NOMEM;
+    if (rc) {
         codir__free(list);
-        return CODIR_ERR_NOMEM;
+        return rc;
     }
     base = (float *)codir__align_ptr((char *)model->packed);
     for (i = 0; i < count; i++) {
         codir_tensor *w = list[i];
         codir__pack_header *h;
-        w->packed = base + offset + CODIR__PACK_HEADER_FLOATS;
-        h = codir__pack_header_of(w->packed);
+        float *packed = base + offset + CODIR__PACK_HEADER_FLOATS;
+        codir__gemm_pack_full_b(1, w->data, w->shape[1], w->shape[0], w->shape[1], packed);
+        h = codir__pack_header_of(packed);
         h->source = w->data;
         h->rows = w->shape[0];
         h->cols = w->shape[1];
         h->valid = 1;
-        codir__gemm_pack_full_b(1, w->data, w->shape[1], w->shape[0], w->shape[1], base + offset + CODIR__PACK_HEADER_FLOATS);
+        w->packed = packed;
         offset += CODIR__PACK_HEADER_FLOATS + (codir__gemm_packed_b_floats(w->shape[0], w->shape[1]) + 15) / 16 * 16;
     }
     codir__free(list);

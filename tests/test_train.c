@@ -1872,6 +1872,21 @@ static void test_packed_weights(void)
             codir_linear_forward(NULL, want_y, x->data, m->cls_w->data, NULL, 2, 40, 3);
             for (i = 0, bad = 0; y && i < 6; i++) bad += memcmp(&y->data[i], &want_y[i], sizeof(float)) != 0;
             CHECK(y && bad == 0, "a copy of a weight used its packed values after an AdamW step (%zu differ)", bad);
+
+            /* A copy stays safe through codir_model_unpack, and after a manual write
+               and a second codir_model_pack it reads the new packed values. */
+            CHECK(codir_model_pack(m) == CODIR_OK, "codir_model_pack: %s", codir_last_error());
+            copy = *m->cls_w;
+            codir_model_unpack(m);
+            y = codir_linear(&ctx, x, &copy, NULL);
+            for (i = 0, bad = 0; y && i < 6; i++) bad += memcmp(&y->data[i], &want_y[i], sizeof(float)) != 0;
+            CHECK(y && bad == 0, "a copy of a weight gave %zu other values after codir_model_unpack", bad);
+            m->cls_w->data[0] += 1.0f;
+            CHECK(codir_model_pack(m) == CODIR_OK, "codir_model_pack again: %s", codir_last_error());
+            y = codir_linear(&ctx, x, &copy, NULL);
+            codir_linear_forward(NULL, want_y, x->data, m->cls_w->data, NULL, 2, 40, 3);
+            for (i = 0, bad = 0; y && i < 6; i++) bad += memcmp(&y->data[i], &want_y[i], sizeof(float)) != 0;
+            CHECK(y && bad == 0, "a copy of a weight gave %zu stale values after packing new values", bad);
         }
     }
     codir_params_zero_grad(&m->params);
