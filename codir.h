@@ -4420,10 +4420,12 @@ static codir_tensor *codir__new_scalar(codir_ctx *ctx)
     return codir_tensor_new(ctx, 1, &one, 0);
 }
 
-CODIR_DEF codir_tensor *codir_linear(codir_ctx *ctx, codir_tensor *x, codir_tensor *w, codir_tensor *b)
+/* Shared body of codir_linear (gelu_first 0) and codir_gelu_linear (1). */
+static codir_tensor *codir__linear_op(codir_ctx *ctx, codir_tensor *x, codir_tensor *w, codir_tensor *b, int gelu_first)
 {
     codir_tensor *out;
-    codir_node *node;
+    codir_arena_pos mark;
+    const float *inp;
     int C, OC, N, rg, rc;
     if (!x || !w) return codir__op_failed(ctx, ctx->status ? ctx->status : CODIR_ERR_INVALID);
     C = x->shape[x->ndim - 1];
@@ -4436,39 +4438,31 @@ CODIR_DEF codir_tensor *codir_linear(codir_ctx *ctx, codir_tensor *x, codir_tens
     rg = codir__needs_grad(ctx, x, w, b);
     out = codir__new_like(ctx, x, OC);
     if (!out) return NULL;
-    rc = codir__linear_forward(ctx->gemm, out->data, x->data, w->data, codir__usable_pack(w), b ? b->data : NULL, N, C,
-                               OC);
+
+    /* GELU(x) lives only for the product: the arena takes it back right after. */
+    mark = codir_arena_mark(&ctx->arena);
+    inp = x->data;
+    if (gelu_first) {
+        float *g = codir__scratch(ctx, x->numel);
+        if (!g) return NULL;
+        codir_gelu_forward(g, x->data, x->numel);
+        inp = g;
+    }
+    rc = codir__linear_forward(ctx->gemm, out->data, inp, w->data, codir__usable_pack(w), b ? b->data : NULL, N, C, OC);
+    codir_arena_rewind(&ctx->arena, mark);
     if (rc) return codir__op_failed(ctx, rc);
-    if (rg && !(node = codir__record(ctx, CODIR__OP_LINEAR, out, x, w, b))) return NULL;
+    if (rg && !codir__record(ctx, gelu_first ? CODIR__OP_GELU_LINEAR : CODIR__OP_LINEAR, out, x, w, b)) return NULL;
     return out;
+}
+
+CODIR_DEF codir_tensor *codir_linear(codir_ctx *ctx, codir_tensor *x, codir_tensor *w, codir_tensor *b)
+{
+    return codir__linear_op(ctx, x, w, b, 0);
 }
 
 CODIR_DEF codir_tensor *codir_gelu_linear(codir_ctx *ctx, codir_tensor *x, codir_tensor *w, codir_tensor *b)
 {
-    codir_tensor *out;
-    codir_arena_pos mark;
-    float *g;
-    int C, OC, N, rg, rc;
-    if (!x || !w) return codir__op_failed(ctx, ctx->status ? ctx->status : CODIR_ERR_INVALID);
-    C = x->shape[x->ndim - 1];
-    OC = w->shape[0];
-    if (w->ndim != 2 || w->shape[1] != C || (b && (int)b->numel != OC))
-        return codir__op_error(ctx, CODIR_ERR_INVALID,
-                               "linear: input width %d does not match weight %s [%d, %d]", C,
-                               w->name ? w->name : "", w->shape[0], w->shape[1]);
-    N = (int)(x->numel / (size_t)(C ? C : 1));
-    rg = codir__needs_grad(ctx, x, w, b);
-    out = codir__new_like(ctx, x, OC);
-    if (!out) return NULL;
-    /* GELU(x) lives only for the product: the arena takes it back right after. */
-    mark = codir_arena_mark(&ctx->arena);
-    if (!(g = codir__scratch(ctx, x->numel))) return NULL;
-    codir_gelu_forward(g, x->data, x->numel);
-    rc = codir__linear_forward(ctx->gemm, out->data, g, w->data, codir__usable_pack(w), b ? b->data : NULL, N, C, OC);
-    codir_arena_rewind(&ctx->arena, mark);
-    if (rc) return codir__op_failed(ctx, rc);
-    if (rg && !codir__record(ctx, CODIR__OP_GELU_LINEAR, out, x, w, b)) return NULL;
-    return out;
+    return codir__linear_op(ctx, x, w, b, 1);
 }
 
 static int codir__rows(const codir_tensor *x);
@@ -4651,6 +4645,14 @@ CODIR_DEF codir_tensor *codir_embedding(codir_ctx *ctx, const codir_itensor *ids
     return out;
 }
 
+/* Returns the next dropout op's key. A mask depends on the seed, the step and the op's
+   position in the step only, so a fused op that draws at the same position draws the
+   same mask. */
+static uint64_t codir__next_dropout_key(codir_ctx *ctx)
+{
+    return codir__hash64(codir__hash64(ctx->seed, ctx->step), ctx->dropout_calls++);
+}
+
 CODIR_DEF codir_tensor *codir_dropout(codir_ctx *ctx, codir_tensor *x, float p)
 {
     codir_tensor *out;
@@ -4662,8 +4664,7 @@ CODIR_DEF codir_tensor *codir_dropout(codir_ctx *ctx, codir_tensor *x, float p)
         return codir__op_error(ctx, CODIR_ERR_INVALID, "dropout: probability %g is outside [0, 1)", (double)p);
     if (!ctx->training || p == 0.0f) return x;
 
-    /* The mask depends on the seed, the step and the op's position in the step only. */
-    key = codir__hash64(codir__hash64(ctx->seed, ctx->step), ctx->dropout_calls++);
+    key = codir__next_dropout_key(ctx);
     rg = codir__needs_grad(ctx, x, NULL, NULL);
     out = codir__new_like(ctx, x, x->shape[x->ndim - 1]);
     if (!out) return NULL;
@@ -4691,8 +4692,7 @@ static codir_tensor *codir__add_dropout(codir_ctx *ctx, codir_tensor *x, codir_t
     if (!codir__same_shape(x, a)) return codir__op_error(ctx, CODIR_ERR_INVALID, "add: operand shapes differ");
     drop = ctx->training && p != 0.0f;
 
-    /* The same key as codir_dropout at this point of the step, so the same mask. */
-    if (drop) key = codir__hash64(codir__hash64(ctx->seed, ctx->step), ctx->dropout_calls++);
+    if (drop) key = codir__next_dropout_key(ctx);
     rg = codir__needs_grad(ctx, x, a, NULL);
     if (in_place) {
         if (!(out = (codir_tensor *)codir_arena_alloc(&ctx->arena, sizeof *out))) return codir__op_failed(ctx, CODIR_ERR_NOMEM);
@@ -5182,9 +5182,9 @@ static codir_tensor *codir__node_input(const codir_node *n, int k)
 
 static codir_tensor *codir__recorded(const codir_ctx *ctx, const codir_tensor *t) { return ctx->tape[t->node - 1].out; }
 
-/* Checks that every op-output input of the tape, and the loss, stands for an output of
-   this tape with its number of values: the tensor itself or a struct copy of it. A
-   codir_retain_grad on a copy passes to the output. */
+/* Checks that every op-output input of the tape, and the loss, is an output of this
+   tape or a struct copy of one with the same number of values. A codir_retain_grad on
+   a copy passes to the output. */
 static int codir__check_tape_inputs(codir_ctx *ctx, const codir_tensor *loss)
 {
     int i, k;
@@ -5544,22 +5544,27 @@ static int codir__model_linear_weights(codir_model *model, codir_tensor **list)
     return count;
 }
 
+/* Floats that weight w takes in the packed block: a header and the packed copy, in
+   whole 64-byte blocks, so every copy starts aligned. */
+static size_t codir__packed_weight_floats(const codir_tensor *w)
+{
+    return CODIR__PACK_HEADER_FLOATS + (codir__gemm_packed_b_floats(w->shape[0], w->shape[1]) + 15) / 16 * 16;
+}
+
 /* Floats of the block that packs every weight of list[count], headers included. */
 static int codir__packed_block_floats(codir_tensor *const *list, int count, size_t *total)
 {
     int i;
     *total = 0;
     for (i = 0; i < count; i++) {
-        /* A header and whole 64-byte blocks each, so every copy starts aligned. */
-        size_t per = CODIR__PACK_HEADER_FLOATS + (codir__gemm_packed_b_floats(list[i]->shape[0], list[i]->shape[1]) + 15) / 16 * 16;
-        if (!codir__size_add(*total, per, total))
+        if (!codir__size_add(*total, codir__packed_weight_floats(list[i]), total))
             return codir__fail(CODIR_ERR_OVERFLOW, "packed weights overflow size_t");
     }
     return CODIR_OK;
 }
 
 /* The block stays allocated until codir_model_free: a struct copy of a weight may still
-   point at its header, which now says the copy is stale. */
+   point at its header, which now marks the copy stale. */
 CODIR_DEF void codir_model_unpack(codir_model *model)
 {
     int i;
@@ -5598,7 +5603,7 @@ CODIR_DEF int codir_model_pack(codir_model *model)
         h->cols = w->shape[1];
         h->valid = 1;
         w->packed = packed;
-        offset += CODIR__PACK_HEADER_FLOATS + (codir__gemm_packed_b_floats(w->shape[0], w->shape[1]) + 15) / 16 * 16;
+        offset += codir__packed_weight_floats(w);
     }
     codir__free(list);
     return CODIR_OK;

@@ -849,8 +849,8 @@ int main(int argc, char **argv)
     rows[0].name = "teacher";
     teacher = make_teacher(&rd, &tcfg, &rows[0]);
     if (!teacher) goto done;
-    /* The teacher is frozen from here on: every later forward pass reads its weights
-       packed once (measure packs them). */
+    /* The teacher is frozen from here on, so measure() packs its weights once and
+       every later forward pass reads them packed. */
     {
         codir_scores dev;
         if (codir_evaluate(&rd.ctx, teacher, rd.dev, 64, &dev)) {

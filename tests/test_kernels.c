@@ -2305,7 +2305,10 @@ static int fuse_leaves_new(codir_ctx *ctx, fuse_leaves *f)
     f->a = codir_tensor_new(ctx, 2, sx, 1);
     f->w = codir_tensor_new(ctx, 2, sw, 1);
     f->b = codir_tensor_new(ctx, 1, sb, 1);
-    CHECK(f->x && f->a && f->w && f->b, "leaf allocation failed: %s", codir_last_error());
+    CHECK(f->x != NULL, "leaf x allocation failed: %s", codir_last_error());
+    CHECK(f->a != NULL, "leaf a allocation failed: %s", codir_last_error());
+    CHECK(f->w != NULL, "leaf w allocation failed: %s", codir_last_error());
+    CHECK(f->b != NULL, "leaf b allocation failed: %s", codir_last_error());
     if (!f->x || !f->a || !f->w || !f->b) return 0;
     for (i = 0; i < f->x->numel; i++) f->x->data[i] = (float)check_uniform(&rng, -3.0, 3.0);
     for (i = 0; i < f->a->numel; i++) f->a->data[i] = (float)check_uniform(&rng, -1.0, 1.0);
@@ -2430,7 +2433,8 @@ static void test_autograd_struct_copy_view(void)
         view.shape[0] = (int)h->numel;
         view.shape[1] = 1;
         loss = codir_mse(&ctx, use_view ? &view : h, f.target);
-        CHECK(loss && codir_backward(&ctx, loss) == CODIR_OK, "backward with view %d: %s", use_view, codir_last_error());
+        CHECK(loss != NULL, "loss with view %d: %s", use_view, codir_last_error());
+        if (loss) CHECK(codir_backward(&ctx, loss) == CODIR_OK, "backward with view %d: %s", use_view, codir_last_error());
         memcpy(grads[use_view], f.x->grad, f.x->numel * sizeof(float));
         memcpy(grads[use_view] + f.x->numel, f.w->grad, f.w->numel * sizeof(float));
         CHECK(view.grad == NULL, "view %d: the copy kept a gradient", use_view);
@@ -2443,7 +2447,7 @@ static void test_autograd_struct_copy_view(void)
             CHECK(view.grad == h->grad, "the retained copy and its output have different gradients");
         }
         if (use_view) {
-            /* The same copy with fewer values cannot stand for the output. */
+            /* The same copy with fewer values is rejected. */
             view.shape[0] = (int)h->numel - 1;
             view.numel = h->numel - 1;
             codir_ctx_begin(&ctx, 1, 0, 1);
@@ -2456,7 +2460,9 @@ static void test_autograd_struct_copy_view(void)
                     view.ndim = 1;
                     loss = codir_mse(&ctx, &view, f.target);
                     codir_clear_error();
-                    CHECK(loss && codir_backward(&ctx, loss) == CODIR_ERR_INVALID, "a copy with fewer values was accepted");
+                    CHECK(loss != NULL, "loss of a copy with fewer values: %s", codir_last_error());
+                    if (loss)
+                        CHECK(codir_backward(&ctx, loss) == CODIR_ERR_INVALID, "a copy with fewer values was accepted");
                     CHECK(strstr(codir_last_error(), "input 0 of op 1 is not an output of an earlier op") != NULL,
                           "reason: %s", codir_last_error());
                 }
@@ -2468,7 +2474,7 @@ static void test_autograd_struct_copy_view(void)
     CHECK(bad == 0, "%d leaf gradients differ through a reshaped copy", bad);
 }
 
-/* A NULL term with a nonzero weight is named, not failed silently. */
+/* A NULL term with a nonzero weight is rejected with a message that names it. */
 static void test_weighted_sum_null_term(void)
 {
     codir_ctx ctx;
@@ -2502,7 +2508,8 @@ static void test_autograd_skips_dead_branch(void)
     f.a->data[0] = NAN;
     used = codir_mse(&ctx, codir_linear(&ctx, f.x, f.w, f.b), f.target);
     unused = codir_mse(&ctx, codir_linear(&ctx, f.a, f.w, NULL), f.target);
-    CHECK(used && unused, "forward failed: %s", codir_last_error());
+    CHECK(used != NULL, "forward of the used loss failed: %s", codir_last_error());
+    CHECK(unused != NULL, "forward of the unused loss failed: %s", codir_last_error());
     if (!used || !unused) goto done;
     CHECK(codir_backward(&ctx, used) == CODIR_OK, "backward failed: %s", codir_last_error());
     for (i = 0; i < f.a->numel; i++)
@@ -2568,10 +2575,10 @@ static void test_autograd_backward_pool(void)
         after_forward = ctx.arena.used + ctx.arena.extra_used;
         CHECK(codir_backward(&ctx, loss) == CODIR_OK, "backward: %s", codir_last_error());
     }
-    /* A recorded block keeps qkv 3C, the attention probabilities NH*T, the attention
-       output C, two residual sums 2C (each written over its linear output), two
-       LayerNorm outputs 2C and the FFN's inner F values per token; the embeddings keep
-       3C. Gradient buffers made in the forward pass would double that. */
+    /* Per token, a recorded block keeps qkv (3C), the attention probabilities (NH*T),
+       the attention output (C), two residual sums (2C, each written over its linear
+       output), two LayerNorm outputs (2C) and the FFN's inner values (F). The
+       embeddings keep 3C. Gradient buffers made in the forward pass would double that. */
     activations = ((size_t)cfg.num_layers * (8 * cfg.hidden + cfg.ffn + cfg.num_heads * T) + 3 * cfg.hidden) *
                   (size_t)B * T * sizeof(float);
     CHECK(after_forward < activations + activations / 4,

@@ -1785,6 +1785,26 @@ done:
     codir_model_free(m);
 }
 
+/* Returns how many tensors of params still have a packed copy. */
+static size_t count_packed(const codir_params *params)
+{
+    size_t count = 0;
+    int t;
+    for (t = 0; t < params->num_tensors; t++) count += params->tensors[t].packed != NULL;
+    return count;
+}
+
+/* Checks that the first n values of op output got have the bits of want[n]; a NULL
+   got (a failed op) fails the check. */
+static void check_same_bits(const char *what, const codir_tensor *got, const float *want, size_t n)
+{
+    size_t i, bad = 0;
+    CHECK(got != NULL, "%s: the op failed: %s", what, codir_last_error());
+    if (!got) return;
+    for (i = 0; i < n; i++) bad += memcmp(&got->data[i], &want[i], sizeof(float)) != 0;
+    CHECK(bad == 0, "%s: %zu of %zu values differ", what, bad, n);
+}
+
 /* codir_model_pack: the packed weights give the bits of the unpacked forward pass.
    The widths leave partial kernel panels, and FFN 600 makes the down projection's k
    span three KC blocks. AdamW, codir_params_copy and codir_model_init_from drop the
@@ -1800,7 +1820,7 @@ static void test_packed_weights(void)
     float *want = NULL;
     toy_data toy;
     size_t i, n, bad;
-    int t, B = TOY_COUNT;
+    int B = TOY_COUNT;
     cfg.ffn = 600;
     cfg.num_heads = 4;
     toy_init(&toy, 3);
@@ -1825,9 +1845,8 @@ static void test_packed_weights(void)
     codir_ctx_begin(&ctx, 0, 0, 0);
     CHECK(codir_model_forward(&ctx, m, &batch, &packed) == CODIR_OK, "packed forward: %s", codir_last_error());
     if (!packed.logits) goto done;
-    for (i = 0, bad = 0; i < n; i++) bad += memcmp(&packed.hidden[cfg.num_layers]->data[i], &want[i], sizeof(float)) != 0;
-    for (i = 0; i < (size_t)B * 3; i++) bad += memcmp(&packed.logits->data[i], &want[n + i], sizeof(float)) != 0;
-    CHECK(bad == 0, "%zu values of the packed forward pass differ from the unpacked one", bad);
+    check_same_bits("last hidden state with packed weights", packed.hidden[cfg.num_layers], want, n);
+    check_same_bits("logits with packed weights", packed.logits, want + n, (size_t)B * 3);
 
     /* A struct copy viewing a packed weight [40, 600] as [80, 300] cannot use the
        packed copy, whose panels and blocks follow the other shape: its product
@@ -1845,9 +1864,7 @@ static void test_packed_weights(void)
             y_packed = codir_linear(&ctx, x, &view, NULL);
             CHECK(codir_linear_forward(NULL, y_plain, x->data, view.data, NULL, 3, 300, 80) == CODIR_OK, "linear: %s",
                   codir_last_error());
-            for (i = 0, bad = 0; y_packed && i < 3 * 80; i++)
-                bad += memcmp(&y_packed->data[i], &y_plain[i], sizeof(float)) != 0;
-            CHECK(y_packed && bad == 0, "%zu values through a reshaped view of a packed weight differ", bad);
+            check_same_bits("reshaped view of a packed weight", y_packed, y_plain, 3 * 80);
         }
     }
     CHECK(codir_model_pack(NULL) == CODIR_ERR_INVALID, "codir_model_pack(NULL) did not fail");
@@ -1870,8 +1887,7 @@ static void test_packed_weights(void)
             for (i = 0; i < x->numel; i++) x->data[i] = (float)(i % 7) - 3.0f;
             y = codir_linear(&ctx, x, &copy, NULL);
             codir_linear_forward(NULL, want_y, x->data, m->cls_w->data, NULL, 2, 40, 3);
-            for (i = 0, bad = 0; y && i < 6; i++) bad += memcmp(&y->data[i], &want_y[i], sizeof(float)) != 0;
-            CHECK(y && bad == 0, "a copy of a weight used its packed values after an AdamW step (%zu differ)", bad);
+            check_same_bits("copy of a weight after an AdamW step", y, want_y, 6);
 
             /* A copy stays safe through codir_model_unpack, and after a manual write
                and a second codir_model_pack it reads the new packed values. */
@@ -1879,14 +1895,12 @@ static void test_packed_weights(void)
             copy = *m->cls_w;
             codir_model_unpack(m);
             y = codir_linear(&ctx, x, &copy, NULL);
-            for (i = 0, bad = 0; y && i < 6; i++) bad += memcmp(&y->data[i], &want_y[i], sizeof(float)) != 0;
-            CHECK(y && bad == 0, "a copy of a weight gave %zu other values after codir_model_unpack", bad);
+            check_same_bits("copy of a weight after codir_model_unpack", y, want_y, 6);
             m->cls_w->data[0] += 1.0f;
             CHECK(codir_model_pack(m) == CODIR_OK, "codir_model_pack again: %s", codir_last_error());
             y = codir_linear(&ctx, x, &copy, NULL);
             codir_linear_forward(NULL, want_y, x->data, m->cls_w->data, NULL, 2, 40, 3);
-            for (i = 0, bad = 0; y && i < 6; i++) bad += memcmp(&y->data[i], &want_y[i], sizeof(float)) != 0;
-            CHECK(y && bad == 0, "a copy of a weight gave %zu stale values after packing new values", bad);
+            check_same_bits("copy of a weight after packing new values", y, want_y, 6);
         }
     }
     codir_params_zero_grad(&m->params);
@@ -1894,17 +1908,17 @@ static void test_packed_weights(void)
         codir_adamw_step(&opt, &m->params, 0.01f);
         codir_adamw_free(&opt);
     }
-    for (t = 0, bad = 0; t < m->params.num_tensors; t++) bad += m->params.tensors[t].packed != NULL;
+    bad = count_packed(&m->params);
     CHECK(bad == 0, "%zu tensors kept packed copies through an AdamW step", bad);
     CHECK(codir_model_pack(m) == CODIR_OK, "second codir_model_pack: %s", codir_last_error());
     other = create_model(&cfg, 22);
     if (other) {
         CHECK(codir_params_copy(&m->params, &other->params) == CODIR_OK, "copy: %s", codir_last_error());
-        for (t = 0, bad = 0; t < m->params.num_tensors; t++) bad += m->params.tensors[t].packed != NULL;
+        bad = count_packed(&m->params);
         CHECK(bad == 0, "%zu tensors kept packed copies through codir_params_copy", bad);
         CHECK(codir_model_pack(m) == CODIR_OK, "third codir_model_pack: %s", codir_last_error());
         CHECK(codir_model_init_from(m, other, CODIR_INIT_FIRST_K) == CODIR_OK, "init_from: %s", codir_last_error());
-        for (t = 0, bad = 0; t < m->params.num_tensors; t++) bad += m->params.tensors[t].packed != NULL;
+        bad = count_packed(&m->params);
         CHECK(bad == 0, "%zu tensors kept packed copies through codir_model_init_from", bad);
     }
 done:
