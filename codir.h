@@ -8107,6 +8107,22 @@ CODIR_DEF int codir_sample_negatives(codir_distiller *d, int anchor, int *out, i
     return K;
 }
 
+/* Whether the contrastive features read the last layer of the teacher (teacher_side 1)
+   or of the student (0) at every token. If not, codir_model_logits is enough: its last
+   block runs for the first token only after attention, and its output is exactly the
+   full pass's first token. First-token pooling reads token 0 alone. Mean pooling reads
+   every token of every student layer, but of the teacher only its mapped layers, and
+   the default map leaves out the teacher's last layer. */
+static int codir__features_read_last_layer(const codir_distiller *d, int teacher_side)
+{
+    int k;
+    if (d->cfg.pooling == CODIR_POOL_FIRST) return 0;
+    if (!teacher_side) return 1;
+    for (k = 0; k < d->student_layers; k++)
+        if (d->layer_map[k] == d->teacher_layers) return 1;
+    return 0;
+}
+
 /* Pools each mapped teacher layer (mean over non-padding tokens, or the first token)
    and concatenates them: f_t [B, Ls * Ct]. Layer 0, the embeddings, is not used. */
 static codir_tensor *codir__teacher_features(codir_ctx *ctx, const codir_distiller *d, const codir_output *teacher,
@@ -11040,8 +11056,8 @@ static int codir__distill_backward(codir_ctx *ctx, codir_model *student, const c
         if (weights[2] != 0.0f) t_features = codir_tensor_new(ctx, 2, shape, 0);
         if (!t_logits || (weights[2] != 0.0f && !t_features)) return ctx->status ? ctx->status : CODIR_ERR_NOMEM;
         mark = codir_arena_mark(&ctx->arena);
-        rc = weights[2] != 0.0f ? codir_model_forward(ctx, teacher, batch, &t_out)
-                                : codir_model_logits(ctx, teacher, batch, &t_out);
+        rc = weights[2] != 0.0f && codir__features_read_last_layer(d, 1) ? codir_model_forward(ctx, teacher, batch, &t_out)
+                                                                         : codir_model_logits(ctx, teacher, batch, &t_out);
         if (rc) return rc;
         memcpy(t_logits->data, t_out.logits->data, t_logits->numel * sizeof(float));
         if (weights[2] != 0.0f) {
@@ -11059,8 +11075,8 @@ static int codir__distill_backward(codir_ctx *ctx, codir_model *student, const c
     /* 2. The student with dropout, recorded for backward. */
     ctx->recording = 1;
     ctx->training = 1;
-    rc = weights[2] != 0.0f ? codir_model_forward(ctx, student, batch, &s_out)
-                            : codir_model_logits(ctx, student, batch, &s_out);
+    rc = weights[2] != 0.0f && codir__features_read_last_layer(d, 0) ? codir_model_forward(ctx, student, batch, &s_out)
+                                                                     : codir_model_logits(ctx, student, batch, &s_out);
     if (rc) return rc;
 
     /* 3. L = (1 - beta) L_task + beta L_kd + lambda L_crd, each a batch mean. L_kd is
@@ -11239,7 +11255,8 @@ CODIR_DEF codir_teacher_cache *codir_teacher_cache_build(codir_ctx *ctx, const c
         rc = codir_batch_fill(&batch, enc, order, start, n);
         if (rc) break;
         codir_ctx_begin(ctx, 0, 0, 0);
-        rc = c->feature_dim ? codir_model_forward(ctx, teacher, &batch, &out) : codir_model_logits(ctx, teacher, &batch, &out);
+        rc = c->feature_dim && codir__features_read_last_layer(d, 1) ? codir_model_forward(ctx, teacher, &batch, &out)
+                                                                    : codir_model_logits(ctx, teacher, &batch, &out);
         if (!rc && c->feature_dim) {
             ft = codir__teacher_features(ctx, d, &out, &batch);
             if (!ft) rc = ctx->status ? ctx->status : CODIR_ERR_INVALID;

@@ -773,6 +773,33 @@ static void test_distill_accumulate_nce(void)
     setup_free(&s);
 }
 
+/* codir_distill_accumulate with first-token pooling: then the features read token 0
+   only, and both models run their last block for the first token alone after its
+   attention (the teacher's last layer is outside the default map; the mean-pooled
+   codir_distill_step test above covers that side too). */
+static void test_distill_accumulate_first(void)
+{
+    const scenario *sc = &scenario_infonce_first;
+    setup s;
+    codir_loss_terms terms;
+    int rc;
+    if (!setup_init(&s, sc)) return;
+    codir_params_zero_grad(&s.student->params);
+    codir_params_zero_grad(&s.d->params);
+    rc = codir_distill_accumulate(&s.ctx, s.student, s.teacher, s.d, &s.batch, 1.0f, 0, 0, &terms);
+    CHECK(rc == CODIR_OK, "codir_distill_accumulate failed: %s", codir_last_error());
+    if (!rc) {
+        compare_loss(&s.ref, sc->name, "task", terms.task);
+        compare_loss(&s.ref, sc->name, "kd", terms.kd);
+        compare_loss(&s.ref, sc->name, "crd", terms.crd);
+        compare_loss(&s.ref, sc->name, "total", terms.total);
+        compare_projections(&s, sc, NULL);
+        compare_grads(&s.ref, sc->name, &s.student->params);
+        compare_grads(&s.ref, sc->name, &s.d->params);
+    }
+    setup_free(&s);
+}
+
 /* codir_pretrain_distill_step (CoDIR-Pre) on the masked-LM setting. The batch's ids
    stay unmasked, which the step accepts, because the objective reads only which rows
    are scored and against which target ids. */
@@ -832,6 +859,7 @@ const test_case tests_reference[] = {
     {"reference step regression head", test_regression},
     {"reference codir_distill_step", test_distill_step},
     {"reference codir_distill_accumulate nce", test_distill_accumulate_nce},
+    {"reference codir_distill_accumulate first token", test_distill_accumulate_first},
     {"reference codir_pretrain_distill_step", test_pretrain_distill_step},
 };
 const int tests_reference_count = (int)(sizeof tests_reference / sizeof tests_reference[0]);

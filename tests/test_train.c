@@ -705,9 +705,10 @@ static void test_teacher_cache_exact(void)
         codir_ctx ctx_a, ctx_b, ctx_t;
         codir_batch batch;
         codir_output out;
+        codir_tensor *pooled[2], *features;
         toy_data toy;
         size_t teacher_peak;
-        int step, rc, opts = 0;
+        int step, rc, k, b, opts = 0;
 
         toy_init(&toy, 3);
         codir_batch_init(&batch, 4, TOY_LEN);
@@ -765,7 +766,31 @@ static void test_teacher_cache_exact(void)
         codir_ctx_begin(&ctx_t, 0, 0, 0);
         rc = codir_model_forward(&ctx_t, teacher, &batch, &out);
         CHECK(rc == CODIR_OK, "teacher forward returned %d: %s", rc, codir_last_error());
+        if (rc) goto done;
         teacher_peak = codir_arena_peak(&ctx_t.arena);
+
+        /* The default map (teacher layers 1 and 3) leaves out the teacher's
+           last layer, so the cache ran that block for the first token only: its logits
+           and pooled features equal the full forward pass's, bit for bit. */
+        CHECK(d_b->layer_map[0] == 1 && d_b->layer_map[1] == 3, "default map is %d, %d; expected 1, 3",
+              d_b->layer_map[0], d_b->layer_map[1]);
+        for (k = 0; k < 2; k++) {
+            codir_tensor *h = out.hidden[d_b->layer_map[k]];
+            pooled[k] = dcfg.pooling == CODIR_POOL_FIRST ? codir_select_first(&ctx_t, h)
+                                                         : codir_mean_pool(&ctx_t, h, &batch.mask);
+        }
+        features = codir_concat(&ctx_t, pooled, 2);
+        CHECK(features != NULL && features->numel == (size_t)4 * cache->feature_dim,
+              "pooling the full pass failed: %s", codir_last_error());
+        if (!features || features->numel != (size_t)4 * cache->feature_dim) goto done;
+        for (b = 0; b < 4; b++) {
+            int e = batch.example_ids.data[b];
+            CHECK(memcmp(cache->logits + (size_t)e * 3, out.logits->data + (size_t)b * 3, 3 * sizeof(float)) == 0,
+                  "setting %d: cached logits of example %d differ from the full forward pass", setting, e);
+            CHECK(memcmp(cache->features + (size_t)e * cache->feature_dim,
+                         features->data + (size_t)b * cache->feature_dim, (size_t)cache->feature_dim * sizeof(float)) == 0,
+                  "setting %d: cached features of example %d differ from the full forward pass", setting, e);
+        }
         CHECK(codir_arena_peak(&ctx_a.arena) < codir_arena_peak(&ctx_b.arena) + teacher_peak / 2,
               "setting %d: arena peak %zu with the teacher, %zu from the cache and %zu for a teacher pass; the "
               "teacher's pass was not rewound",
