@@ -2352,6 +2352,55 @@ CODIR__INLINE void codir__exp_shifted_loop(float *p, const int *keep, float mx, 
     *total = sum;
 }
 
+/* One row of attention probabilities, in place: p[j] = exp(p[j] - max) / sum over the
+   kept keys and 0 for padded ones, the max and sum taken over kept keys. A row with no
+   key left stays all zero instead of 0/0 = NaN; a NaN score never becomes the max, so
+   it comes out as NaN probabilities, as it should. The max runs in 16 lanes: a
+   max is exact in any order, and the fixed form vectorizes. */
+CODIR__INLINE void codir__softmax_row_loop(float *p, const int *keep, int n)
+{
+    float lane[16], mx = -INFINITY;
+    double sum, inv;
+    int j, k, kept = 0;
+    for (k = 0; k < 16; k++) lane[k] = -INFINITY;
+    for (j = 0; j + 16 <= n; j += 16) {
+        CODIR__OMP_SIMD
+        for (k = 0; k < 16; k++) {
+            float v = keep[j + k] ? p[j + k] : -INFINITY;
+            lane[k] = v > lane[k] ? v : lane[k];
+        }
+    }
+    for (k = 0; k < 16; k++) mx = lane[k] > mx ? lane[k] : mx;
+    for (; j < n; j++)
+        if (keep[j] && p[j] > mx) mx = p[j];
+    CODIR__OMP_SIMD_SUM(kept)
+    for (j = 0; j < n; j++) kept += keep[j] != 0;
+    if (!kept) {
+        for (j = 0; j < n; j++) p[j] = 0.0f;
+        return;
+    }
+    codir__exp_shifted_loop(p, keep, mx, n, &sum);
+    inv = 1.0 / sum;
+    CODIR__OMP_SIMD
+    for (j = 0; j < n; j++) p[j] = (float)(p[j] * inv);
+}
+
+/* Softmax backward of one row, in place: dp[j] = p[j] (dp[j] - sum_k p[k] dp[k]) scale.
+   The dot product runs in eight double lanes, as the sum above. */
+CODIR__INLINE void codir__softmax_grad_row_loop(const float *p, float *dp, int n, float scale)
+{
+    double lane[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0}, dot;
+    float d;
+    int j, k;
+    for (j = 0; j + 8 <= n; j += 8)
+        for (k = 0; k < 8; k++) lane[k] += (double)p[j + k] * dp[j + k];
+    dot = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    for (; j < n; j++) dot += (double)p[j] * dp[j];
+    d = (float)dot;
+    CODIR__OMP_SIMD
+    for (j = 0; j < n; j++) dp[j] = p[j] * (dp[j] - d) * scale;
+}
+
 /* Defines name_avx512, name_avx2 and name_base, each compiling `loop` for its target. */
 #if defined(CODIR__SIMD_RUNTIME_DISPATCH)
 #define CODIR__VEC_VERSIONS(name, params, args)                                                  \
@@ -2376,8 +2425,8 @@ CODIR__VEC_VERSIONS(codir__gelu_forward, (float *out, const float *inp, size_t n
 CODIR__VEC_VERSIONS(codir__gelu_backward, (float *dinp, const float *inp, const float *dout, size_t n),
                     (dinp, inp, dout, n))
 CODIR__VEC_VERSIONS(codir__gelu_regrad, (float *g, float *dinp, const float *inp, size_t n), (g, dinp, inp, n))
-CODIR__VEC_VERSIONS(codir__exp_shifted, (float *p, const int *keep, float mx, int n, double *total),
-                    (p, keep, mx, n, total))
+CODIR__VEC_VERSIONS(codir__softmax_row, (float *p, const int *keep, int n), (p, keep, n))
+CODIR__VEC_VERSIONS(codir__softmax_grad_row, (const float *p, float *dp, int n, float scale), (p, dp, n, scale))
 
 #ifdef CODIR__SIMD_AVX512
 /* Transposes a 16 x 16 block in registers: r[i] holds row i on entry and column i on
@@ -2653,25 +2702,8 @@ static float *codir__thread_scratch(float *scratch, size_t per_thread)
 /* Softmax over the T scores in each row of s[T, T], in place, skipping padded keys. */
 static void codir__attention_softmax(float *s, const int *keep, int T)
 {
-    int t, j;
-    for (t = 0; t < T; t++) {
-        float *p = s + (size_t)t * T, mx = -INFINITY;
-        double sum, inv;
-        int kept = 0;
-        for (j = 0; j < T; j++) {
-            kept |= keep[j];
-            if (keep[j] && p[j] > mx) mx = p[j];
-        }
-        /* A row with no key left stays all zero instead of 0/0 = NaN. A NaN score
-           leaves mx at -Inf and comes out as NaN probabilities, as it should. */
-        if (!kept) {
-            memset(p, 0, (size_t)T * sizeof(float));
-            continue;
-        }
-        codir__exp_shifted(p, keep, mx, T, &sum);
-        inv = 1.0 / sum;
-        for (j = 0; j < T; j++) p[j] = (float)(p[j] * inv);
-    }
+    int t;
+    for (t = 0; t < T; t++) codir__softmax_row(s + (size_t)t * T, keep, T);
 }
 
 CODIR_DEF void codir_attention_forward(float *out, float *att, const float *qkv, const int *mask, int B, int T,
@@ -2719,7 +2751,7 @@ CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const fl
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
 #endif
     for (bh = 0; bh < B * NH; bh++) {
-        int b = bh / NH, h = bh % NH, t, j, ldk, ldv;
+        int b = bh / NH, h = bh % NH, t, ldk, ldv;
         float *mine = codir__thread_scratch(scratch, per_thread);
         float *ds = mine + pack, *kbuf = ds + (size_t)T * T, *vbuf = kbuf + (size_t)T * HS, *tmp = vbuf + (size_t)T * HS;
         const int *keep = mask + (size_t)b * T;
@@ -2732,13 +2764,7 @@ CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const fl
 
         codir__gemm_serial(0, 1, T, T, HS, 1.0f, dy, C, v, ldv, 0.0f, ds, T, mine);
         codir__attention_mix(1, 0, T, HS, T, p, T, dy, C, 1, dq + 2 * C, 3 * C, tmp, mine);
-        for (t = 0; t < T; t++) {
-            const float *pt = p + (size_t)t * T;
-            float *dst = ds + (size_t)t * T;
-            double dot = 0.0;
-            for (j = 0; j < T; j++) dot += (double)pt[j] * dst[j];
-            for (j = 0; j < T; j++) dst[j] = pt[j] * (dst[j] - (float)dot) * scale;
-        }
+        for (t = 0; t < T; t++) codir__softmax_grad_row(p + (size_t)t * T, ds + (size_t)t * T, T, scale);
         codir__attention_mix(0, 0, T, HS, T, ds, T, k, ldk, 1, dq, 3 * C, tmp, mine);
         codir__attention_mix(1, 0, T, HS, T, ds, T, q, 3 * C, 1, dq + C, 3 * C, tmp, mine);
     }
