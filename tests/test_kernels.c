@@ -973,29 +973,66 @@ static void test_attention_fully_masked(void)
 
 /* A NaN or Inf in the key or value of a padded token leaves every result bit the same
    as a finite value there would: outputs, probabilities and all gradients. */
+/* T = 5 runs the softmax rows' scalar tail only; T = 37 also their 16-lane part. */
 static void test_attention_padded_nan(void)
 {
-    enum { B = 2, T = 5, C = 8, NH = 2 };
-    static const int mask[B * T] = {1, 1, 0, 1, 0, 1, 1, 1, 1, 0};
+    enum { B = 2, C = 8, NH = 2 };
+    static const int lengths[2] = {5, 37};
     unsigned long long rng = 116;
-    float *qkv = random_floats(B * T * 3 * C, &rng, -1, 1), *poisoned = copy_floats(qkv, B * T * 3 * C);
-    float *dy = random_floats(B * T * C, &rng, -1, 1), *scratch = attention_scratch(T, C, NH, 2);
-    float *out = new_floats(B * T * C), *out_p = new_floats(B * T * C);
-    float *att = new_floats(B * NH * T * T), *att_p = new_floats(B * NH * T * T);
-    float *dqkv = new_floats(B * T * 3 * C), *dqkv_p = new_floats(B * T * 3 * C);
-    int bt, c;
-    for (bt = 0; bt < B * T; bt++)
-        if (!mask[bt])
-            for (c = C; c < 3 * C; c++) poisoned[bt * 3 * C + c] = c % 2 ? NAN : INFINITY;
+    int s;
+    for (s = 0; s < 2; s++) {
+        int T = lengths[s], bt, c;
+        int *mask = attention_mask(B, T);
+        float *qkv = random_floats((size_t)B * T * 3 * C, &rng, -1, 1), *poisoned = copy_floats(qkv, (size_t)B * T * 3 * C);
+        float *dy = random_floats((size_t)B * T * C, &rng, -1, 1), *scratch = attention_scratch(T, C, NH, 2);
+        float *out = new_floats((size_t)B * T * C), *out_p = new_floats((size_t)B * T * C);
+        float *att = new_floats((size_t)B * NH * T * T), *att_p = new_floats((size_t)B * NH * T * T);
+        float *dqkv = new_floats((size_t)B * T * 3 * C), *dqkv_p = new_floats((size_t)B * T * 3 * C);
+        size_t n = (size_t)B * T;
+        for (bt = 0; bt < B * T; bt++)
+            if (!mask[bt])
+                for (c = C; c < 3 * C; c++) poisoned[bt * 3 * C + c] = c % 2 ? NAN : INFINITY;
+        codir_attention_forward(out, att, qkv, mask, B, T, C, NH, scratch, 2);
+        codir_attention_backward(dqkv, dy, qkv, att, mask, B, T, C, NH, scratch, 2);
+        codir_attention_forward(out_p, att_p, poisoned, mask, B, T, C, NH, scratch, 2);
+        codir_attention_backward(dqkv_p, dy, poisoned, att_p, mask, B, T, C, NH, scratch, 2);
+        CHECK(count_different(out, out_p, n * C) == 0, "T=%d: %zu outputs changed", T, count_different(out, out_p, n * C));
+        CHECK(count_different(att, att_p, n * NH * T) == 0, "T=%d: %zu probabilities changed", T,
+              count_different(att, att_p, n * NH * T));
+        CHECK(count_different(dqkv, dqkv_p, n * 3 * C) == 0, "T=%d: %zu gradients changed", T,
+              count_different(dqkv, dqkv_p, n * 3 * C));
+    }
+    free_buffers();
+}
+
+/* Two rows the softmax must not smooth over, at T = 37: a sequence whose keys are all
+   padded gets all-zero probabilities (not 0/0), and a NaN in one kept key of head 0
+   makes every probability of that head NaN while head 1 stays as it was. */
+static void test_attention_softmax_edges(void)
+{
+    enum { B = 2, T = 37, C = 8, NH = 2, HS = C / NH };
+    unsigned long long rng = 117;
+    int *mask = attention_mask(B, T);
+    float *qkv = random_floats((size_t)B * T * 3 * C, &rng, -1, 1), *poisoned = copy_floats(qkv, (size_t)B * T * 3 * C);
+    float *scratch = attention_scratch(T, C, NH, 2);
+    float *out = new_floats((size_t)B * T * C), *att = new_floats((size_t)B * NH * T * T);
+    float *att_p = new_floats((size_t)B * NH * T * T);
+    size_t head = (size_t)T * T, i, zeros = 0, nans = 0, changed = 0;
+    int t, c;
+
+    /* Sequence 1 has no key left; sequence 0 gets a NaN in the key of token 20 (kept). */
+    for (t = 0; t < T; t++) mask[T + t] = 0;
+    CHECK(mask[20], "token 20 of sequence 0 should be kept by attention_mask");
     codir_attention_forward(out, att, qkv, mask, B, T, C, NH, scratch, 2);
-    codir_attention_backward(dqkv, dy, qkv, att, mask, B, T, C, NH, scratch, 2);
-    codir_attention_forward(out_p, att_p, poisoned, mask, B, T, C, NH, scratch, 2);
-    codir_attention_backward(dqkv_p, dy, poisoned, att_p, mask, B, T, C, NH, scratch, 2);
-    CHECK(count_different(out, out_p, B * T * C) == 0, "%zu outputs changed", count_different(out, out_p, B * T * C));
-    CHECK(count_different(att, att_p, B * NH * T * T) == 0, "%zu probabilities changed",
-          count_different(att, att_p, B * NH * T * T));
-    CHECK(count_different(dqkv, dqkv_p, B * T * 3 * C) == 0, "%zu gradients changed",
-          count_different(dqkv, dqkv_p, B * T * 3 * C));
+    for (i = 0; i < NH * head; i++) zeros += att[(size_t)NH * head + i] == 0.0f;
+    CHECK(zeros == NH * head, "a fully padded sequence has %zu nonzero probabilities", NH * head - zeros);
+
+    for (c = 0; c < HS; c++) poisoned[20 * 3 * C + C + c] = NAN;
+    codir_attention_forward(out, att_p, poisoned, mask, B, T, C, NH, scratch, 2);
+    for (i = 0; i < head; i++) nans += att_p[i] != att_p[i];
+    for (i = head; i < 2 * head; i++) changed += memcmp(&att[i], &att_p[i], sizeof(float)) != 0;
+    CHECK(nans == head, "head 0 with a NaN key has %zu of %zu probabilities NaN", nans, head);
+    CHECK(changed == 0, "head 1 changed on %zu probabilities", changed);
     free_buffers();
 }
 
@@ -2828,6 +2865,7 @@ const test_case tests_kernels[] = {
     {"kernel attention fully masked row", test_attention_fully_masked},
     {"kernel attention large shapes and threads", test_attention_large},
     {"kernel attention NaN in padded keys", test_attention_padded_nan},
+    {"kernel attention empty and NaN rows", test_attention_softmax_edges},
     {"kernel attention empty shapes", test_attention_empty},
     {"kernel embedding forward", test_embedding_forward},
     {"kernel embedding backward", test_embedding_backward},
