@@ -483,8 +483,9 @@ CODIR_DEF void codir_retain_grad(codir_tensor *t);
 /* x[..., C] w[OC, C]^T + b[OC] -> [..., OC]; b may be NULL. */
 CODIR_DEF codir_tensor *codir_linear(codir_ctx *ctx, codir_tensor *x, codir_tensor *w, codir_tensor *b);
 /* codir_linear(ctx, codir_gelu(ctx, x), w, b) without keeping GELU(x): the backward
-   pass computes it again from x. The results are bit-identical; the feed-forward block
-   keeps one [N, F] activation instead of two. */
+   pass computes it again from x. The results are bit-identical (with -ffast-math, the
+   input gradient may differ in the last bit); the feed-forward block keeps one [N, F]
+   activation instead of two. */
 CODIR_DEF codir_tensor *codir_gelu_linear(codir_ctx *ctx, codir_tensor *x, codir_tensor *w, codir_tensor *b);
 CODIR_DEF codir_tensor *codir_add(codir_ctx *ctx, codir_tensor *a, codir_tensor *b);
 /* codir_add(ctx, x, codir_dropout(ctx, a, p)) without keeping the dropped-out copy of
@@ -2319,7 +2320,8 @@ CODIR__INLINE void codir__gelu_backward_loop(float *dinp, const float *inp, cons
 /* The backward pass of a GELU whose output feeds a linear layer (codir_gelu_linear):
    the buffer g comes in as dL/dg and leaves as g = GELU(x), which the weight gradient
    reads next, and dinp += dL/dg GELU'(x). One pass shares Phi(x) between the two, and
-   each value is the one the two loops above compute. */
+   each value is the one the two loops above compute (under -ffast-math the compiler
+   may round them differently, by about one unit in the last place). */
 CODIR__INLINE void codir__gelu_regrad_loop(float *g, float *dinp, const float *inp, size_t n)
 {
     size_t i;
@@ -2589,17 +2591,11 @@ CODIR_DEF size_t codir_attention_scratch(int T, int C, int NH)
     return codir__attention_pack_floats(T, HS) + (size_t)T * T + 3 * (size_t)T * HS;
 }
 
-/* c[T, HS] (row stride ldc) = op(a)[T, K] op(b)[K, HS], plus c when accumulate is 1.
-   When HS is not a multiple of the micro-kernel's NR columns (a head size of 32
-   against AVX-512's 64), half of every tile would be padding, so the product runs
-   transposed, c^T = op(b)^T op(a)^T with T columns, into tmp[HS, T] and is added back
-   row by row. Both orders sum the same products in the same order; only when K spans
-   several KC blocks and c accumulates do they group the blocks' partial sums
-   differently, which can change the last bit. */
 #ifdef CODIR__SIMD_AVX512
 /* The loop at the end of codir__attention_mix in 16 x 16 blocks transposed in
-   registers, with the same additions: the strided scalar loop was 4% of an L3-H192
-   training step. */
+   registers, with the same additions. The strided scalar loop took 4% of the L3-H192
+   training step at T = 128 in a perf profile of examples/bench_step.c on 1 thread
+   (the machine of examples/BENCHMARKS.md). */
 CODIR__SIMD_TARGET_AVX512
 static void codir__attention_add_back_avx512(int T, int HS, const float *tmp, int accumulate, float *c, int ldc)
 {
@@ -2624,6 +2620,13 @@ static void codir__attention_add_back_avx512(int T, int HS, const float *tmp, in
 }
 #endif
 
+/* c[T, HS] (row stride ldc) = op(a)[T, K] op(b)[K, HS], plus c when accumulate is 1.
+   When HS is not a multiple of the micro-kernel's NR columns (a head size of 32
+   against AVX-512's 64), half of every tile would be padding, so the product runs
+   transposed, c^T = op(b)^T op(a)^T with T columns, into tmp[HS, T] and is added back
+   (in 16 x 16 register blocks on AVX-512). Both orders sum the same products in the
+   same order; only when K spans several KC blocks and c accumulates do they group the
+   blocks' partial sums differently, which can change the last bit. */
 static void codir__attention_mix(int trans_a, int trans_b, int T, int HS, int K, const float *a, int lda,
                                  const float *b, int ldb, int accumulate, float *c, int ldc, float *tmp, float *pack)
 {
@@ -3847,7 +3850,8 @@ static void codir__gemm_pack_a_rows(const float *src, size_t lda, int rows, int 
 /* Packs one full 6-row panel of A (6 rows of kc values, row stride lda) for the AVX-512
    kernel: column p of A~ holds the 6 values A[0..5][p] side by side. Blocks of 16
    columns move in registers, where the scalar gather above moved one float per load
-   and store and took 5% of an L3-H192 training step. Step 1 interleaves rows 2q and
+   and store and took 5% of the L3-H192 training step at T = 128 (perf, as for the
+   attention add-back). Step 1 interleaves rows 2q and
    2q+1 into two pair vectors per q: index 2c + s of half h holds row 2q + s of column
    8h + c. Step 2 fills the six output vectors. Value e of output v is row r = f % 6 of
    column c = f / 6, f = 16v + e; it sits in pair vector r / 2 of half v / 3, at index
@@ -8135,10 +8139,12 @@ CODIR_DEF int codir_sample_negatives(codir_distiller *d, int anchor, int *out, i
 
 /* Whether the contrastive features read the last layer of the teacher (teacher_side 1)
    or of the student (0) at every token. If not, codir_model_logits is enough: its last
-   block runs for the first token only after attention, and its output is exactly the
-   full pass's first token. First-token pooling reads token 0 alone. Mean pooling reads
-   every token of every student layer, but of the teacher only its mapped layers, and
-   the default map leaves out the teacher's last layer. */
+   block runs for the first token only after attention. For the teacher, which has no
+   dropout, that gives the full pass's logits and features (bit for bit in the tests);
+   the student's last block draws other dropout masks, as codir_model_logits says.
+   First-token pooling reads token 0 alone. Mean pooling reads every token of every
+   student layer, but of the teacher only its mapped layers; the default map leaves out
+   the teacher's last layer whenever the student has fewer layers. */
 static int codir__features_read_last_layer(const codir_distiller *d, int teacher_side)
 {
     int k;
