@@ -4024,9 +4024,10 @@ typedef struct codir__gemm_plan {
     int lda, ldb, ldc;
     int mc, kc, nc;         /* block sizes used for this product */
     int split_columns;      /* 1: threads split the columns of C, 0: the rows */
+    int shared_b;           /* 1: the team packs one B~ together (rows split, B not packed) */
     float *a_packs;         /* thread t packs A~ at a_packs + t * a_stride */
     size_t a_stride;
-    float *b_packs;         /* thread t packs B~ at b_packs + t * b_stride */
+    float *b_packs;         /* thread t packs B~ at b_packs + t * b_stride, or all at b_packs */
     size_t b_stride;
     const float *b_packed;  /* all of op(B), packed by codir__gemm_pack_full_b, or NULL */
 } codir__gemm_plan;
@@ -4124,6 +4125,18 @@ static void codir__gemm_run_thread(const codir__gemm_plan *plan, int tid, int th
                    pc rows of all panels before it. */
                 size_t padded_n = (size_t)((plan->n + nr - 1) / nr) * (size_t)nr;
                 b_block = plan->b_packed + (size_t)pc * padded_n + (size_t)jc * (size_t)kc;
+            } else if (plan->shared_b) {
+#ifdef _OPENMP
+                /* Every thread reads all of B~, so each packs a share of its panels
+                   into the one buffer: between two barriers, the first of which waits
+                   until the team is done with the previous block. Every thread runs
+                   the same jc and pc loops, so all of them meet every barrier. */
+                codir__gemm_share(n_panels, tid, threads, &lo, &hi);
+#pragma omp barrier
+                codir__gemm_pack_b(plan->trans_b, plan->b, plan->ldb, pc, kc, jc, nc, nr, lo, hi, plan->b_packs);
+#pragma omp barrier
+                b_block = plan->b_packs;
+#endif
             } else {
                 codir__gemm_pack_b(plan->trans_b, plan->b, plan->ldb, pc, kc, jc, nc, nr, 0, n_panels, b_pack);
             }
@@ -4253,9 +4266,11 @@ static int codir__gemm(codir_gemm_ws *ws, int trans_a, int trans_b, int m, int n
 #endif
 
     codir__gemm_plan_init(&plan, kernel, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-    /* Each thread packs all of op(B) for its rows, or all of op(A) for its columns, so
-       split the larger of m and n: that duplicates the smaller operand. */
+    /* Split the larger of m and n. With the rows split, the team packs each block of
+       op(B) once, together; with the columns split, each thread packs all of op(A) for
+       its columns, which duplicates the smaller operand. */
     plan.split_columns = threads > 1 && (m_panels < threads || (n > m && n_panels >= threads));
+    plan.shared_b = threads > 1 && !plan.split_columns && !b_packed;
 
     /* KC depends on k alone, so the order of the sums, and with it every bit of the
        result, does not change with the thread count. MC and NC only move work. */
@@ -4265,18 +4280,18 @@ static int codir__gemm(codir_gemm_ws *ws, int trans_a, int trans_b, int m, int n
     plan.mc = codir__gemm_even_block(rows_per_thread, kernel->mc, kernel->mr);
     plan.nc = codir__gemm_even_block(cols_per_thread, kernel->nc, kernel->nr);
 
-    /* Buffer sizes: per thread one A~ block and one B~ panel of whole NR-panels, each
-       rounded up to the alignment. The block sizes bound both, so only the products
-       with the thread count need an overflow check.
-       NOTE: B~ takes up to KC x NC floats per thread (4 MiB with the AVX-512 blocks),
-       so the workspace grows linearly with the thread count. */
+    /* Buffer sizes: per thread one A~ block and one B~ panel of whole NR-panels (one
+       B~ for the team when it shares it), each rounded up to the alignment. The block
+       sizes bound both, so only the products with the thread count need an overflow
+       check. NOTE: with the columns split, B~ takes up to KC x NC floats per thread
+       (4 MiB with the AVX-512 blocks), so the workspace grows with the thread count. */
     codir__gemm_set_strides(&plan);
     if (b_packed) {
         plan.b_packed = b_packed;
         plan.b_stride = 0;
     }
     if (!codir__size_mul(plan.a_stride, (size_t)threads, &a_floats) ||
-        !codir__size_mul(plan.b_stride, (size_t)threads, &b_floats))
+        !codir__size_mul(plan.b_stride, plan.shared_b ? 1 : (size_t)threads, &b_floats))
         return codir__fail(CODIR_ERR_OVERFLOW, "codir_gemm: packing buffers for %d threads overflow size_t", threads);
 
     if (!ws) {
@@ -4724,6 +4739,7 @@ CODIR_DEF codir_tensor *codir_attention(codir_ctx *ctx, codir_tensor *qkv, const
 {
     codir_tensor *out;
     codir_node *node;
+    codir_arena_pos mark;
     float *att, *scratch;
     int B, T, C, rg, threads, shape[3];
     size_t att_n;
@@ -4748,9 +4764,12 @@ CODIR_DEF codir_tensor *codir_attention(codir_ctx *ctx, codir_tensor *qkv, const
     /* Without a backward pass each thread keeps one head's scores in its scratch. */
     att = NULL;
     if (rg && !(att = codir__scratch(ctx, att_n))) return NULL;
+    /* The threads' scratch lives only for the kernel: the arena takes it back after. */
     threads = codir__attention_threads(INT_MAX, B * num_heads);
+    mark = codir_arena_mark(&ctx->arena);
     if (!(scratch = codir__attention_scratch_alloc(ctx, T, C, num_heads, threads))) return NULL;
     codir_attention_forward(out->data, att, qkv->data, mask->data, B, T, C, num_heads, scratch, threads);
+    codir_arena_rewind(&ctx->arena, mark);
     if (rg) {
         if (!(node = codir__record(ctx, CODIR__OP_ATTENTION, out, qkv, NULL, NULL))) return NULL;
         node->saved[0] = att;

@@ -539,12 +539,11 @@ static void test_gemm_concurrent_calls(void)
     expected[0] = gemm_product(ws, 0, 1, 517, 200, 600, 0.0f);
     expected[1] = gemm_product(NULL, 1, 0, 200, 300, 1030, 0.0f);
 
-#pragma omp parallel num_threads(2)
-    {
-        int tid = omp_get_thread_num();
-        if (tid == 0) got[0] = gemm_product(ws, 0, 1, 517, 200, 600, 0.0f);
-        if (tid == 1) got[1] = gemm_product(NULL, 1, 0, 200, 300, 1030, 0.0f);
-    }
+    /* A loop rather than thread ids: with OMP_DYNAMIC the team may have one thread,
+       which then makes both calls. */
+#pragma omp parallel for num_threads(2) schedule(static, 1)
+    for (t = 0; t < 2; t++)
+        got[t] = t == 0 ? gemm_product(ws, 0, 1, 517, 200, 600, 0.0f) : gemm_product(NULL, 1, 0, 200, 300, 1030, 0.0f);
 
     for (t = 0; t < 2; t++) {
         CHECK(got[t] != NULL, "thread %d got no result", t);
