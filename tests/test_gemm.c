@@ -520,14 +520,14 @@ static void test_gemm_threads_bitwise(void)
         omp_set_num_threads(1);
         one_thread = gemm_product(ws, sh[0], sh[1], sh[2], sh[3], sh[4], 1.0f);
         for (threads = 2; threads <= 4 && one_thread; threads++) {
-            float *more;
+            float *threaded;
             omp_set_num_threads(threads);
-            more = gemm_product(ws, sh[0], sh[1], sh[2], sh[3], sh[4], 1.0f);
-            if (more)
-                CHECK(memcmp(one_thread, more, (size_t)sh[2] * (size_t)sh[3] * sizeof(float)) == 0,
+            threaded = gemm_product(ws, sh[0], sh[1], sh[2], sh[3], sh[4], 1.0f);
+            if (threaded)
+                CHECK(memcmp(one_thread, threaded, (size_t)sh[2] * (size_t)sh[3] * sizeof(float)) == 0,
                       "trans %d%d m=%d n=%d k=%d: 1 and %d threads give different bits", sh[0], sh[1], sh[2], sh[3],
                       sh[4], threads);
-            free(more);
+            free(threaded);
         }
         free(one_thread);
     }

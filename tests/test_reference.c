@@ -773,10 +773,9 @@ static void test_distill_accumulate_nce(void)
     setup_free(&s);
 }
 
-/* codir_distill_accumulate with first-token pooling: then the features read token 0
-   only, and both models run their last block for the first token alone after its
-   attention (the teacher's last layer is outside the default map; the mean-pooled
-   codir_distill_step test above covers that side too). */
+/* codir_distill_accumulate with first-token pooling. The features then read token 0
+   only, so both models run their last block for the first token alone after its
+   attention. */
 static void test_distill_accumulate_first(void)
 {
     const scenario *sc = &scenario_infonce_first;

@@ -772,17 +772,19 @@ static void test_teacher_cache_exact(void)
         /* The default map (teacher layers 1 and 3) leaves out the teacher's
            last layer, so the cache ran that block for the first token only: its logits
            and pooled features equal the full forward pass's, bit for bit. */
-        CHECK(d_b->layer_map[0] == 1 && d_b->layer_map[1] == 3, "default map is %d, %d; expected 1, 3",
-              d_b->layer_map[0], d_b->layer_map[1]);
+        CHECK(d_b->layer_map[0] == 1, "default map starts at teacher layer %d; expected 1", d_b->layer_map[0]);
+        CHECK(d_b->layer_map[1] == 3, "default map ends at teacher layer %d; expected 3", d_b->layer_map[1]);
         for (k = 0; k < 2; k++) {
             codir_tensor *h = out.hidden[d_b->layer_map[k]];
             pooled[k] = dcfg.pooling == CODIR_POOL_FIRST ? codir_select_first(&ctx_t, h)
                                                          : codir_mean_pool(&ctx_t, h, &batch.mask);
         }
         features = codir_concat(&ctx_t, pooled, 2);
-        CHECK(features != NULL && features->numel == (size_t)4 * cache->feature_dim,
-              "pooling the full pass failed: %s", codir_last_error());
-        if (!features || features->numel != (size_t)4 * cache->feature_dim) goto done;
+        CHECK(features != NULL, "pooling the full pass failed: %s", codir_last_error());
+        if (!features) goto done;
+        CHECK(features->numel == (size_t)4 * cache->feature_dim, "the full pass pooled %zu features; expected %d",
+              features->numel, 4 * cache->feature_dim);
+        if (features->numel != (size_t)4 * cache->feature_dim) goto done;
         for (b = 0; b < 4; b++) {
             int e = batch.example_ids.data[b];
             CHECK(memcmp(cache->logits + (size_t)e * 3, out.logits->data + (size_t)b * 3, 3 * sizeof(float)) == 0,
