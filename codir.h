@@ -2037,6 +2037,33 @@ CODIR_DEF void codir_arena_free(codir_arena *arena)
 #include <arm_neon.h>
 #endif
 
+/* Returns 1 when this build has the AVX-512 code and the CPU runs it. With run-time
+   dispatch, __builtin_cpu_supports reads CPU features detected before main and checks
+   that the OS saves the vector registers, so the call is cheap and safe from any
+   thread. */
+static inline int codir__has_avx512(void)
+{
+#if defined(CODIR__SIMD_RUNTIME_DISPATCH)
+    return __builtin_cpu_supports("avx512f");
+#elif defined(CODIR__SIMD_AVX512)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Returns 1 when this build has the AVX2 + FMA code and the CPU runs it. */
+static inline int codir__has_avx2(void)
+{
+#if defined(CODIR__SIMD_RUNTIME_DISPATCH)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#elif defined(CODIR__SIMD_AVX2)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* GCC 12's avx512fintrin.h builds several intrinsics on a deliberately undefined
    vector, which g++ -O2 -Wall reports as maybe uninitialized; these brackets silence
    that report around the functions that use them. */
@@ -2359,9 +2386,9 @@ CODIR__INLINE void codir__exp_shifted_loop(float *p, const int *keep, float mx, 
 
 /* One row of attention probabilities, in place: p[j] = exp(p[j] - max) / sum over the
    kept keys and 0 for padded ones, the max and sum taken over kept keys. A row with no
-   key left stays all zero instead of 0/0 = NaN; a NaN score never becomes the max, so
-   it comes out as NaN probabilities, as it should. The max runs in 16 lanes: a
-   max is exact in any order, and the fixed form vectorizes. */
+   key left stays all zero instead of 0/0 = NaN. A NaN score never becomes the max, so
+   it comes out as NaN probabilities, as it should. The max runs in 16 lanes, because
+   a max is exact in any order and the fixed form vectorizes. */
 CODIR__INLINE void codir__softmax_row_loop(float *p, const int *keep, int n)
 {
     float lane[16], mx = -INFINITY;
@@ -2414,9 +2441,9 @@ CODIR__INLINE void codir__softmax_grad_row_loop(const float *p, float *dp, int n
     static void name##_base params { name##_loop args; }                                         \
     static void name params                                                                      \
     {                                                                                            \
-        if (__builtin_cpu_supports("avx512f"))                                                   \
+        if (codir__has_avx512())                                                                 \
             name##_avx512 args;                                                                  \
-        else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))                \
+        else if (codir__has_avx2())                                                              \
             name##_avx2 args;                                                                    \
         else                                                                                     \
             name##_base args;                                                                    \
@@ -2639,14 +2666,11 @@ static void codir__attention_mix(int trans_a, int trans_b, int T, int HS, int K,
         return;
     }
     codir__gemm_serial(!trans_b, !trans_a, HS, T, K, 1.0f, b, ldb, a, lda, 0.0f, tmp, T, pack);
-#if defined(CODIR__SIMD_RUNTIME_DISPATCH)
-    if (__builtin_cpu_supports("avx512f")) {
+#ifdef CODIR__SIMD_AVX512
+    if (codir__has_avx512()) {
         codir__attention_add_back_avx512(T, HS, tmp, accumulate, c, ldc);
         return;
     }
-#elif defined(CODIR__SIMD_AVX512)
-    codir__attention_add_back_avx512(T, HS, tmp, accumulate, c, ldc);
-    return;
 #endif
     for (t = 0; t < T; t++) {
         float *row = c + (size_t)t * ldc;
@@ -3724,20 +3748,16 @@ static const codir__gemm_kernel codir__gemm_scalar = {
     "scalar", codir__gemm_kernel_scalar, CODIR__GEMM_SCALAR_MR, CODIR__GEMM_SCALAR_NR,
     CODIR__GEMM_SCALAR_MC, CODIR__GEMM_SCALAR_KC, CODIR__GEMM_SCALAR_NC};
 
-/* Returns the fastest kernel this build and CPU support. __builtin_cpu_supports reads
-   CPU features that the runtime library detected before main, and it checks that the OS
-   saves the vector registers, so the call is cheap and safe from any thread. */
+/* Returns the fastest kernel this build and CPU support. */
 static const codir__gemm_kernel *codir__gemm_select_kernel(void)
 {
-#if defined(CODIR__SIMD_RUNTIME_DISPATCH)
-    if (__builtin_cpu_supports("avx512f")) return &codir__gemm_avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &codir__gemm_avx2;
-    return &codir__gemm_scalar;
-#elif defined(CODIR__SIMD_AVX512)
-    return &codir__gemm_avx512;
-#elif defined(CODIR__SIMD_AVX2)
-    return &codir__gemm_avx2;
-#elif defined(CODIR__SIMD_NEON)
+#ifdef CODIR__SIMD_AVX512
+    if (codir__has_avx512()) return &codir__gemm_avx512;
+#endif
+#ifdef CODIR__SIMD_AVX2
+    if (codir__has_avx2()) return &codir__gemm_avx2;
+#endif
+#ifdef CODIR__SIMD_NEON
     return &codir__gemm_neon;
 #else
     return &codir__gemm_scalar;
@@ -8169,11 +8189,11 @@ CODIR_DEF int codir_sample_negatives(codir_distiller *d, int anchor, int *out, i
 /* Whether the contrastive features read the last layer of the teacher (teacher_side 1)
    or of the student (0) at every token. If not, codir_model_logits is enough: its last
    block runs for the first token only after attention. For the teacher, which has no
-   dropout, that gives the full pass's logits and features (bit for bit in the tests);
-   the student's last block draws other dropout masks, as codir_model_logits says.
+   dropout, that gives the full pass's logits and features (bit for bit in the tests).
+   The student's last block draws other dropout masks, as codir_model_logits says.
    First-token pooling reads token 0 alone. Mean pooling reads every token of every
-   student layer, but of the teacher only its mapped layers; the default map leaves out
-   the teacher's last layer whenever the student has fewer layers. */
+   student layer, but of the teacher only its mapped layers, and the default map leaves
+   out the teacher's last layer whenever the student has fewer layers. */
 static int codir__features_read_last_layer(const codir_distiller *d, int teacher_side)
 {
     int k;
@@ -8430,21 +8450,17 @@ CODIR__SIMD_TARGET_AVX2 static void codir__adamw_avx2(float *p, const float *g, 
 /* The widest version this build and CPU run. */
 static void codir__adamw_update(float *p, const float *g, float *m, float *v, size_t n, const codir__adamw_consts *c)
 {
-#if defined(CODIR__SIMD_RUNTIME_DISPATCH)
-    if (__builtin_cpu_supports("avx512f")) {
+#ifdef CODIR__SIMD_AVX512
+    if (codir__has_avx512()) {
         codir__adamw_avx512(p, g, m, v, n, c);
         return;
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+#endif
+#ifdef CODIR__SIMD_AVX2
+    if (codir__has_avx2()) {
         codir__adamw_avx2(p, g, m, v, n, c);
         return;
     }
-#elif defined(CODIR__SIMD_AVX512)
-    codir__adamw_avx512(p, g, m, v, n, c);
-    return;
-#elif defined(CODIR__SIMD_AVX2)
-    codir__adamw_avx2(p, g, m, v, n, c);
-    return;
 #endif
     codir__adamw_scalar(p, g, m, v, n, c);
 }

@@ -973,7 +973,8 @@ static void test_attention_fully_masked(void)
 
 /* A NaN or Inf in the key or value of a padded token leaves every result bit the same
    as a finite value there would: outputs, probabilities and all gradients. */
-/* T = 5 runs the softmax rows' scalar tail only; T = 37 also their 16-lane part. */
+/* At T = 5 the softmax rows run their scalar tail only. At T = 37 they also run the
+   16-lane part. */
 static void test_attention_padded_nan(void)
 {
     enum { B = 2, C = 8, NH = 2 };
@@ -1005,9 +1006,9 @@ static void test_attention_padded_nan(void)
     free_buffers();
 }
 
-/* Two rows the softmax must not smooth over, at T = 37: a sequence whose keys are all
-   padded gets all-zero probabilities (not 0/0), and a NaN in one kept key of head 0
-   makes every probability of that head NaN while head 1 stays as it was. */
+/* Checks two kinds of rows at T = 37. A sequence with every key padded gets all-zero
+   probabilities, not 0/0. A NaN in one kept key of head 0 makes every probability of
+   that head NaN, and head 1 stays unchanged. */
 static void test_attention_softmax_edges(void)
 {
     enum { B = 2, T = 37, C = 8, NH = 2, HS = C / NH };
@@ -1020,7 +1021,7 @@ static void test_attention_softmax_edges(void)
     size_t head = (size_t)T * T, i, zeros = 0, nans = 0, changed = 0;
     int t, c;
 
-    /* Sequence 1 has no key left; sequence 0 gets a NaN in the key of token 20 (kept). */
+    /* Sequence 1 has no key left. Sequence 0 gets a NaN in the key of token 20, which is kept. */
     for (t = 0; t < T; t++) mask[T + t] = 0;
     CHECK(mask[20], "token 20 of sequence 0 should be kept by attention_mask");
     codir_attention_forward(out, att, qkv, mask, B, T, C, NH, scratch, 2);
