@@ -271,6 +271,16 @@ CODIR_DEF void codir_attention_forward(float *out, float *att, const float *qkv,
                                        int C, int NH, float *scratch, int threads);
 CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
                                         const int *mask, int B, int T, int C, int NH, float *scratch, int threads);
+/* The same attention for the first query of each sequence only, which is all that a
+   classifier on the first token reads from the last block: out[B,C], att[B,NH,T] (or
+   NULL without a backward pass), the same mask rules and the same scratch. out equals
+   the first token's row of codir_attention_forward bit for bit. The backward pass adds
+   to the query of token 0 and to the keys and values of every kept token. */
+CODIR_DEF void codir_attention_first_forward(float *out, float *att, const float *qkv, const int *mask, int B, int T,
+                                             int C, int NH, float *scratch, int threads);
+CODIR_DEF void codir_attention_first_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
+                                              const int *mask, int B, int T, int C, int NH, float *scratch,
+                                              int threads);
 
 /* out[B,T,C] = tok[ids] + pos[t] + type[types]; types may be NULL (all type 0).
    The caller checks ids < vocabulary size and t < maximum length. */
@@ -498,6 +508,10 @@ CODIR_DEF codir_tensor *codir_tanh(codir_ctx *ctx, codir_tensor *x);
 CODIR_DEF codir_tensor *codir_softmax(codir_ctx *ctx, codir_tensor *x);
 /* qkv[B,T,3C], mask[B,T] -> [B,T,C] */
 CODIR_DEF codir_tensor *codir_attention(codir_ctx *ctx, codir_tensor *qkv, const codir_itensor *mask, int num_heads);
+/* qkv[B,T,3C], mask[B,T] -> [B,C]: codir_select_first of codir_attention, computing
+   the first query only */
+CODIR_DEF codir_tensor *codir_attention_first(codir_ctx *ctx, codir_tensor *qkv, const codir_itensor *mask,
+                                              int num_heads);
 /* ids[B,T], types[B,T] or NULL; tok[V,C], pos[P,C], type[TV,C] -> [B,T,C]. Rejects
    ids or types out of range and T > P. */
 CODIR_DEF codir_tensor *codir_embedding(codir_ctx *ctx, const codir_itensor *ids, const codir_itensor *types,
@@ -649,8 +663,9 @@ typedef struct codir_output {
 CODIR_DEF int codir_model_forward(codir_ctx *ctx, const codir_model *model, const codir_batch *batch,
                                   codir_output *out);
 /* The same forward pass for when only the logits are needed (fine-tuning, prediction):
-   the classifier reads the first token, so after the last block's attention only that
-   token is computed, and out->hidden[num_layers] is [B, 1, C]. The logits equal
+   the classifier reads the first token, so the last block computes keys and values
+   for every token and the rest (the attention's query onward) for that token alone,
+   and out->hidden[num_layers] is [B, 1, C]. The logits equal
    codir_model_forward's up to rounding (bit for bit in practice), and the last
    block costs about a quarter. With dropout the last block draws other masks, from
    the same distribution. */
@@ -2800,6 +2815,90 @@ CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const fl
     }
 }
 
+/* The first query alone: the products above with one row. The micro-kernel sums each
+   element of C in the same order whatever its place in the tile, so the scores and the
+   output have the bits of row 0 of the full kernel. */
+CODIR_DEF void codir_attention_first_forward(float *out, float *att, const float *qkv, const int *mask, int B, int T,
+                                             int C, int NH, float *scratch, int threads)
+{
+    int HS = NH > 0 ? C / NH : 0, bh;
+    float scale;
+    size_t per_thread = codir_attention_scratch(T, C, NH), pack;
+    if (B <= 0 || per_thread == 0) return;
+    scale = 1.0f / sqrtf((float)HS);
+    pack = codir__attention_pack_floats(T, HS);
+    threads = codir__attention_threads(threads, B * NH);
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#endif
+    for (bh = 0; bh < B * NH; bh++) {
+        int b = bh / NH, h = bh % NH, ldv;
+        float *mine = codir__thread_scratch(scratch, per_thread);
+        float *scores = mine + pack, *vbuf = scores + (size_t)T * T + (size_t)T * HS, *tmp = vbuf + (size_t)T * HS;
+        const int *keep = mask + (size_t)b * T;
+        const float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
+        const float *v = codir__attention_kept_rows(q + 2 * C, C, keep, T, HS, vbuf, &ldv);
+        float *p = att ? att + ((size_t)b * NH + h) * T : scores;
+        codir__gemm_serial(0, 1, 1, T, HS, scale, q, 3 * C, q + C, 3 * C, 0.0f, p, T, mine);
+        codir__softmax_row(p, keep, T);
+        codir__attention_mix(0, 0, 1, HS, T, p, T, v, ldv, 0, out + (size_t)b * C + (size_t)h * HS, C, tmp, mine);
+    }
+}
+
+/* With one query the backward products are outer products and dot products of
+   length HS, written as loops. Padded keys are skipped, so a NaN in their keys or
+   values cannot reach the gradients. */
+CODIR_DEF void codir_attention_first_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
+                                              const int *mask, int B, int T, int C, int NH, float *scratch,
+                                              int threads)
+{
+    int HS = NH > 0 ? C / NH : 0, bh;
+    float scale;
+    size_t per_thread = codir_attention_scratch(T, C, NH);
+    if (B <= 0 || per_thread == 0) return;
+    scale = 1.0f / sqrtf((float)HS);
+    threads = codir__attention_threads(threads, B * NH);
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#endif
+    for (bh = 0; bh < B * NH; bh++) {
+        int b = bh / NH, h = bh % NH, j, d;
+        float *ds = codir__thread_scratch(scratch, per_thread);
+        const int *keep = mask + (size_t)b * T;
+        const float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
+        const float *p = att + ((size_t)b * NH + h) * T;
+        const float *dy = dout + (size_t)b * C + (size_t)h * HS;
+        float *dq = dqkv + (size_t)b * T * 3 * C + (size_t)h * HS;
+
+        /* dP_j = dO . v_j, then dS = P * (dP - P . dP) * scale */
+        for (j = 0; j < T; j++) {
+            const float *v = q + (size_t)j * 3 * C + 2 * C;
+            float dot = 0.0f;
+            if (keep[j])
+                for (d = 0; d < HS; d++) dot += dy[d] * v[d];
+            ds[j] = dot;
+        }
+        codir__softmax_grad_row(p, ds, T, scale);
+
+        /* dv_j += P_j dO, dk_j += dS_j q_0, dq_0 += sum_j dS_j k_j */
+        for (j = 0; j < T; j++) {
+            float *dk = dq + (size_t)j * 3 * C + C, *dv = dk + C;
+            if (!keep[j]) continue;
+            for (d = 0; d < HS; d++) {
+                dv[d] += p[j] * dy[d];
+                dk[d] += ds[j] * q[d];
+            }
+        }
+        for (j = 0; j < T; j++) {
+            const float *k = q + (size_t)j * 3 * C + C;
+            if (!keep[j]) continue;
+            for (d = 0; d < HS; d++) dq[d] += ds[j] * k[d];
+        }
+    }
+}
+
 /* ---- embeddings ---- */
 
 CODIR_DEF void codir_embedding_forward(float *out, const int *ids, const int *types, const float *tok,
@@ -4765,7 +4864,9 @@ static float *codir__attention_scratch_alloc(codir_ctx *ctx, int T, int C, int N
     return codir__scratch(ctx, floats);
 }
 
-CODIR_DEF codir_tensor *codir_attention(codir_ctx *ctx, codir_tensor *qkv, const codir_itensor *mask, int num_heads)
+/* Shared body of codir_attention (first 0) and codir_attention_first (1). */
+static codir_tensor *codir__attention_op(codir_ctx *ctx, codir_tensor *qkv, const codir_itensor *mask, int num_heads,
+                                         int first)
 {
     codir_tensor *out;
     codir_node *node;
@@ -4783,13 +4884,13 @@ CODIR_DEF codir_tensor *codir_attention(codir_ctx *ctx, codir_tensor *qkv, const
         return codir__op_error(ctx, CODIR_ERR_INVALID, "attention: %d heads do not divide width %d", num_heads, C);
     if (!mask || mask->numel != (size_t)B * T)
         return codir__op_error(ctx, CODIR_ERR_INVALID, "attention: mask must be [%d, %d]", B, T);
-    if (!codir__size_mul((size_t)B * num_heads, (size_t)T * T, &att_n))
+    if (!codir__size_mul((size_t)B * num_heads, (size_t)T * (first ? 1 : T), &att_n))
         return codir__op_error(ctx, CODIR_ERR_OVERFLOW, "attention: B * NH * T * T overflows size_t");
     rg = codir__needs_grad(ctx, qkv, NULL, NULL);
     shape[0] = B;
-    shape[1] = T;
+    shape[1] = first ? C : T;
     shape[2] = C;
-    out = codir_tensor_new(ctx, 3, shape, 0);
+    out = codir_tensor_new(ctx, first ? 2 : 3, shape, 0);
     if (!out) return NULL;
     /* Without a backward pass each thread keeps one head's scores in its scratch. */
     att = NULL;
@@ -4798,15 +4899,30 @@ CODIR_DEF codir_tensor *codir_attention(codir_ctx *ctx, codir_tensor *qkv, const
     threads = codir__attention_threads(INT_MAX, B * num_heads);
     mark = codir_arena_mark(&ctx->arena);
     if (!(scratch = codir__attention_scratch_alloc(ctx, T, C, num_heads, threads))) return NULL;
-    codir_attention_forward(out->data, att, qkv->data, mask->data, B, T, C, num_heads, scratch, threads);
+    if (first)
+        codir_attention_first_forward(out->data, att, qkv->data, mask->data, B, T, C, num_heads, scratch, threads);
+    else
+        codir_attention_forward(out->data, att, qkv->data, mask->data, B, T, C, num_heads, scratch, threads);
     codir_arena_rewind(&ctx->arena, mark);
     if (rg) {
         if (!(node = codir__record(ctx, CODIR__OP_ATTENTION, out, qkv, NULL, NULL))) return NULL;
         node->saved[0] = att;
         node->ints[0] = mask->data;
         node->dims[0] = num_heads;
+        node->dims[1] = first;
     }
     return out;
+}
+
+CODIR_DEF codir_tensor *codir_attention(codir_ctx *ctx, codir_tensor *qkv, const codir_itensor *mask, int num_heads)
+{
+    return codir__attention_op(ctx, qkv, mask, num_heads, 0);
+}
+
+CODIR_DEF codir_tensor *codir_attention_first(codir_ctx *ctx, codir_tensor *qkv, const codir_itensor *mask,
+                                              int num_heads)
+{
+    return codir__attention_op(ctx, qkv, mask, num_heads, 1);
 }
 
 CODIR_DEF codir_tensor *codir_embedding(codir_ctx *ctx, const codir_itensor *ids, const codir_itensor *types,
@@ -5315,7 +5431,11 @@ static int codir__node_backward(codir_ctx *ctx, const codir_node *n)
         if (!dx) break;
         if (!(scratch = codir__attention_scratch_alloc(ctx, T, C, NH, threads)))
             return ctx->status ? ctx->status : CODIR_ERR_NOMEM;
-        codir_attention_backward(dx, out->grad, x->data, n->saved[0], n->ints[0], B, T, C, NH, scratch, threads);
+        if (n->dims[1])
+            codir_attention_first_backward(dx, out->grad, x->data, n->saved[0], n->ints[0], B, T, C, NH, scratch,
+                                           threads);
+        else
+            codir_attention_backward(dx, out->grad, x->data, n->saved[0], n->ints[0], B, T, C, NH, scratch, threads);
         break;
     }
     case CODIR__OP_EMBEDDING: {
@@ -5905,15 +6025,16 @@ static codir_tensor *codir__block_forward(codir_ctx *ctx, const codir_layer *ly,
     return codir_layernorm(ctx, codir__add_dropout(ctx, x, h, cfg->dropout, 1), ly->ln2_gamma, ly->ln2_beta, cfg->ln_eps);
 }
 
-/* The last block for the first token only. Keys and values need every token, and the
-   attention runs for all of them (a few percent of the block); everything after it
-   runs on [B, C]. The result is viewed as [B, 1, C] for the classification head. */
+/* The last block for the first token only. Keys and values need every token, so the
+   QKV product runs on all of them; the attention runs for the first query, and
+   everything after it on [B, C]. The result is viewed as [B, 1, C] for the
+   classification head. */
 static codir_tensor *codir__block_forward_first(codir_ctx *ctx, const codir_layer *ly, const codir_config *cfg,
                                                 codir_tensor *x, const codir_itensor *mask)
 {
     codir_tensor *a, *h, *x0, *y;
     a = codir_linear(ctx, x, ly->qkv_w, ly->qkv_b);
-    a = codir_select_first(ctx, codir_attention(ctx, a, mask, cfg->num_heads));
+    a = codir_attention_first(ctx, a, mask, cfg->num_heads);
     a = codir_linear(ctx, a, ly->attn_out_w, ly->attn_out_b);
     x0 = codir_select_first(ctx, x);
     x0 = codir_layernorm(ctx, codir__add_dropout(ctx, x0, a, cfg->dropout, 1), ly->ln1_gamma, ly->ln1_beta, cfg->ln_eps);
@@ -8188,7 +8309,7 @@ CODIR_DEF int codir_sample_negatives(codir_distiller *d, int anchor, int *out, i
 
 /* Whether the contrastive features read the last layer of the teacher (teacher_side 1)
    or of the student (0) at every token. If not, codir_model_logits is enough: its last
-   block runs for the first token only after attention. For the teacher, which has no
+   block runs for the first token only after the QKV product. For the teacher, which has no
    dropout, that gives the full pass's logits and features (bit for bit in the tests).
    The student's last block draws other dropout masks, as codir_model_logits says.
    First-token pooling reads token 0 alone. Mean pooling reads every token of every

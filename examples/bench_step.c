@@ -55,7 +55,7 @@
    Not counted: embedding lookups, LayerNorm, GELU, softmax, dropout, the losses, AdamW,
    and the projection heads and contrastive scores (under 0.1% of a step here).
    The count is the full model's for both libraries. codir's train and infer cases run
-   the last block after its attention for the first token only (codir_model_logits),
+   the last block after its QKV product for the first token only (codir_model_logits),
    because the classifier reads nothing else; PyTorch's model computes every token.
    For those cases gflops is the rate of the same job, not of the work done, and can
    pass the machine's peak.

@@ -76,7 +76,6 @@ static float *copy_floats(const float *x, size_t n)
     return y;
 }
 
-/* Returns the float64 values of x[n]; the test's float64 references read these. */
 /* Returns the number of elements where a and b differ bitwise. */
 static size_t count_different(const float *a, const float *b, size_t n)
 {
@@ -85,6 +84,7 @@ static size_t count_different(const float *a, const float *b, size_t n)
     return d;
 }
 
+/* Returns the float64 values of x[n]; the test's float64 references read these. */
 static double *widen(const float *x, size_t n)
 {
     double *y = new_doubles(n);
@@ -1127,6 +1127,86 @@ static void test_attention_large(void)
         codir_attention_backward(dqkv1, dy, qkv, att, mask, B, T, C, NH, scratch, 1);
         CHECK(count_different(dqkv, dqkv1, n) == 0, "T=%d: 1 and 2 threads differ on %zu gradients", T,
               count_different(dqkv, dqkv1, n));
+    }
+    free_buffers();
+}
+
+/* codir_attention_first_forward and _backward against the full kernel and against
+   the float64 references. The first query's output and probabilities must have the
+   bits of row 0 of the full kernel; the gradient is that of the full attention with
+   dL/dout zero on every token but the first. The shapes take both orientations of
+   the value product (head sizes 64 and 32, 48, 20 and odd ones), T above the 256-deep
+   block of k, padded keys, and 1 against 2 threads. Padded keys hold NaN and Inf in
+   a second run, which must change no bit; sequence 1 of the last shape has no key. */
+static void test_attention_first(void)
+{
+    static const int shapes[][4] = {{1, 1, 4, 1}, {2, 3, 6, 2}, {3, 2, 3, 3}, {2, 64, 192, 6},
+                                    {2, 150, 96, 2}, {1, 300, 64, 1}, {3, 37, 60, 3}};
+    unsigned long long rng = 118;
+    size_t s;
+    for (s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int B = shapes[s][0], T = shapes[s][1], C = shapes[s][2], NH = shapes[s][3], rows = B * T, b, h, t, c;
+        size_t n = (size_t)rows * 3 * C, n_att = (size_t)B * NH * T * T, first_att = (size_t)B * NH * T;
+        float *qkv = random_floats(n, &rng, -1.5, 1.5), *poisoned = copy_floats(qkv, n);
+        float *dy = random_floats((size_t)B * C, &rng, -1, 1), *scratch = attention_scratch(T, C, NH, 2);
+        float *out = new_floats((size_t)rows * C), *att = new_floats(n_att);
+        float *out_first = new_floats((size_t)B * C), *att_first = new_floats(first_att);
+        float *out1 = new_floats((size_t)B * C), *att1 = new_floats(first_att), *out_p = new_floats((size_t)B * C);
+        float *row0 = new_floats((size_t)B * C), *att_row0 = new_floats(first_att);
+        float *dqkv = random_floats(n, &rng, -0.5, 0.5), *dqkv1 = copy_floats(dqkv, n), *dqkv_p = copy_floats(dqkv, n);
+        double *want = new_doubles((size_t)rows * C), *dy_full = new_doubles((size_t)rows * C);
+        double *want_first = new_doubles((size_t)B * C), *want_d = widen(dqkv, n);
+        int *mask = attention_mask(B, T);
+        if (s + 1 == sizeof shapes / sizeof shapes[0])
+            for (t = 0; t < T; t++) mask[T + t] = 0;
+        for (t = 0; t < rows; t++)
+            if (!mask[t])
+                for (c = C; c < 3 * C; c++) poisoned[(size_t)t * 3 * C + c] = c % 2 ? NAN : INFINITY;
+
+        /* Forward: bits of the full kernel's first rows, and the float64 reference. */
+        codir_attention_forward(out, att, qkv, mask, B, T, C, NH, scratch, 2);
+        codir_attention_first_forward(out_first, att_first, qkv, mask, B, T, C, NH, scratch, 2);
+        for (b = 0; b < B; b++) {
+            memcpy(row0 + (size_t)b * C, out + (size_t)b * T * C, (size_t)C * sizeof(float));
+            for (h = 0; h < NH; h++)
+                memcpy(att_row0 + ((size_t)b * NH + h) * T, att + ((size_t)b * NH + h) * T * T, (size_t)T * sizeof(float));
+        }
+        CHECK(count_different(out_first, row0, (size_t)B * C) == 0, "B=%d T=%d C=%d NH=%d: %zu outputs differ from row 0",
+              B, T, C, NH, count_different(out_first, row0, (size_t)B * C));
+        CHECK(count_different(att_first, att_row0, first_att) == 0,
+              "B=%d T=%d C=%d NH=%d: %zu probabilities differ from row 0", B, T, C, NH,
+              count_different(att_first, att_row0, first_att));
+        ref_attention(want, NULL, widen(qkv, n), mask, B, T, C, NH);
+        for (b = 0; b < B; b++)
+            for (c = 0; c < C; c++) want_first[(size_t)b * C + c] = want[(size_t)b * T * C + c];
+        check_close(label("first out B=%d T=%d C=%d NH=%d", B, T, C, NH), out_first, want_first, (size_t)B * C, FWD_ATOL,
+                    FWD_RTOL);
+        codir_attention_first_forward(out1, att1, qkv, mask, B, T, C, NH, scratch, 1);
+        CHECK(count_different(out_first, out1, (size_t)B * C) == 0, "T=%d: 1 and 2 threads differ on %zu outputs", T,
+              count_different(out_first, out1, (size_t)B * C));
+        codir_attention_first_forward(out1, NULL, qkv, mask, B, T, C, NH, scratch, 2);
+        CHECK(count_different(out_first, out1, (size_t)B * C) == 0, "T=%d: output without att differs on %zu elements", T,
+              count_different(out_first, out1, (size_t)B * C));
+
+        /* Backward against the full attention's gradient with dL/dout on token 0 only. */
+        for (b = 0; b < B; b++)
+            for (c = 0; c < C; c++) dy_full[(size_t)b * T * C + c] = dy[(size_t)b * C + c];
+        ref_attention_backward(want_d, dy_full, widen(qkv, n), mask, B, T, C, NH);
+        codir_attention_first_backward(dqkv, dy, qkv, att_first, mask, B, T, C, NH, scratch, 2);
+        check_close(label("first dqkv B=%d T=%d C=%d NH=%d", B, T, C, NH), dqkv, want_d, n, FWD_ATOL, FWD_RTOL);
+        codir_attention_first_backward(dqkv1, dy, qkv, att_first, mask, B, T, C, NH, scratch, 1);
+        CHECK(count_different(dqkv, dqkv1, n) == 0, "T=%d: 1 and 2 threads differ on %zu gradients", T,
+              count_different(dqkv, dqkv1, n));
+
+        /* NaN and Inf in padded keys and values change nothing. */
+        codir_attention_first_forward(out_p, att1, poisoned, mask, B, T, C, NH, scratch, 2);
+        codir_attention_first_backward(dqkv_p, dy, poisoned, att1, mask, B, T, C, NH, scratch, 2);
+        CHECK(count_different(out_first, out_p, (size_t)B * C) == 0, "T=%d: padded NaN changed %zu outputs", T,
+              count_different(out_first, out_p, (size_t)B * C));
+        CHECK(count_different(att_first, att1, first_att) == 0, "T=%d: padded NaN changed %zu probabilities", T,
+              count_different(att_first, att1, first_att));
+        CHECK(count_different(dqkv, dqkv_p, n) == 0, "T=%d: padded NaN changed %zu gradients", T,
+              count_different(dqkv, dqkv_p, n));
     }
     free_buffers();
 }
@@ -2865,6 +2945,7 @@ const test_case tests_kernels[] = {
     {"kernel attention backward", test_attention_backward},
     {"kernel attention fully masked row", test_attention_fully_masked},
     {"kernel attention large shapes and threads", test_attention_large},
+    {"kernel attention first query", test_attention_first},
     {"kernel attention NaN in padded keys", test_attention_padded_nan},
     {"kernel attention empty and NaN rows", test_attention_softmax_edges},
     {"kernel attention empty shapes", test_attention_empty},
