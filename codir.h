@@ -509,7 +509,7 @@ CODIR_DEF codir_tensor *codir_softmax(codir_ctx *ctx, codir_tensor *x);
 /* qkv[B,T,3C], mask[B,T] -> [B,T,C] */
 CODIR_DEF codir_tensor *codir_attention(codir_ctx *ctx, codir_tensor *qkv, const codir_itensor *mask, int num_heads);
 /* qkv[B,T,3C], mask[B,T] -> [B,C]: codir_select_first of codir_attention, computing
-   the first query only */
+   the first query only. Rejects T = 0. */
 CODIR_DEF codir_tensor *codir_attention_first(codir_ctx *ctx, codir_tensor *qkv, const codir_itensor *mask,
                                               int num_heads);
 /* ids[B,T], types[B,T] or NULL; tok[V,C], pos[P,C], type[TV,C] -> [B,T,C]. Rejects
@@ -663,9 +663,9 @@ typedef struct codir_output {
 CODIR_DEF int codir_model_forward(codir_ctx *ctx, const codir_model *model, const codir_batch *batch,
                                   codir_output *out);
 /* The same forward pass for when only the logits are needed (fine-tuning, prediction):
-   the classifier reads the first token, so the last block computes keys and values
-   for every token and the rest (the attention's query onward) for that token alone,
-   and out->hidden[num_layers] is [B, 1, C]. The logits equal
+   the classifier reads the first token, so the last block's QKV product runs on every
+   token (the keys and values need them all), and its attention and everything after
+   it for that token alone; out->hidden[num_layers] is [B, 1, C]. The logits equal
    codir_model_forward's up to rounding (bit for bit in practice), and the last
    block costs about a quarter. With dropout the last block draws other masks, from
    the same distribution. */
@@ -4872,20 +4872,23 @@ static codir_tensor *codir__attention_op(codir_ctx *ctx, codir_tensor *qkv, cons
     codir_node *node;
     codir_arena_pos mark;
     float *att, *scratch;
+    const char *name = first ? "attention_first" : "attention";
     int B, T, C, rg, threads, shape[3];
     size_t att_n;
     if (!qkv) return codir__op_failed(ctx, ctx->status ? ctx->status : CODIR_ERR_INVALID);
     if (qkv->ndim != 3 || qkv->shape[2] % 3 != 0)
-        return codir__op_error(ctx, CODIR_ERR_INVALID, "attention: qkv must be [B, T, 3C]");
+        return codir__op_error(ctx, CODIR_ERR_INVALID, "%s: qkv must be [B, T, 3C]", name);
     B = qkv->shape[0];
     T = qkv->shape[1];
     C = qkv->shape[2] / 3;
     if (num_heads < 1 || C % num_heads != 0)
-        return codir__op_error(ctx, CODIR_ERR_INVALID, "attention: %d heads do not divide width %d", num_heads, C);
+        return codir__op_error(ctx, CODIR_ERR_INVALID, "%s: %d heads do not divide width %d", name, num_heads, C);
     if (!mask || mask->numel != (size_t)B * T)
-        return codir__op_error(ctx, CODIR_ERR_INVALID, "attention: mask must be [%d, %d]", B, T);
+        return codir__op_error(ctx, CODIR_ERR_INVALID, "%s: mask must be [%d, %d]", name, B, T);
+    if (first && T < 1)
+        return codir__op_error(ctx, CODIR_ERR_INVALID, "%s: qkv has no token (T = 0), so there is no first query", name);
     if (!codir__size_mul((size_t)B * num_heads, (size_t)T * (first ? 1 : T), &att_n))
-        return codir__op_error(ctx, CODIR_ERR_OVERFLOW, "attention: B * NH * T * T overflows size_t");
+        return codir__op_error(ctx, CODIR_ERR_OVERFLOW, "%s: B * NH * T%s overflows size_t", name, first ? "" : " * T");
     rg = codir__needs_grad(ctx, qkv, NULL, NULL);
     shape[0] = B;
     shape[1] = first ? C : T;

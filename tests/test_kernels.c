@@ -2846,6 +2846,59 @@ static void test_autograd_bad_heads(void)
     bad_input_teardown(&g, &ctx);
 }
 
+/* The op codir_attention_first: a [B, C] output with the bits of codir_select_first
+   of codir_attention, and the gradient of a squared error through it against the
+   float64 reference. With T = 0 there is no first query, and the op says so. */
+static void test_autograd_attention_first(void)
+{
+    enum { B = 3, T = 7, C = 12, NH = 3 };
+    unsigned long long rng = 119;
+    codir_ctx ctx;
+    codir_itensor mask;
+    codir_tensor *qkv, *full, *first, *loss;
+    float *values = random_floats((size_t)B * T * 3 * C, &rng, -1.5, 1.5), *target = random_floats(B * C, &rng, -1, 1);
+    double *ref_out = new_doubles((size_t)B * T * C), *dy = new_doubles((size_t)B * T * C);
+    double *want = new_doubles((size_t)B * T * 3 * C), *qkv_d = widen(values, (size_t)B * T * 3 * C);
+    int *mask_data = attention_mask(B, T), shape[3] = {B, T, 3 * C}, b, c, bad = 0;
+    set_itensor(&mask, mask_data, 2, B, T);
+    if (!make_ctx(&ctx)) return;
+    codir_ctx_begin(&ctx, 1, 0, 0);
+    qkv = codir_tensor_new(&ctx, 3, shape, 1);
+    if (!qkv) goto done;
+    memcpy(qkv->data, values, qkv->numel * sizeof(float));
+    full = codir_select_first(&ctx, codir_attention(&ctx, qkv, &mask, NH));
+    first = codir_attention_first(&ctx, qkv, &mask, NH);
+    CHECK(full && first, "attention failed: %s", codir_last_error());
+    if (!full || !first) goto done;
+    CHECK(first->ndim == 2 && first->shape[0] == B && first->shape[1] == C, "output is not [%d, %d]", B, C);
+    for (c = 0; c < B * C; c++) bad += memcmp(&first->data[c], &full->data[c], sizeof(float)) != 0;
+    CHECK(bad == 0, "%d of %d outputs differ from the first token of codir_attention", bad, B * C);
+
+    /* loss = mean (first - target)^2, so dL/dfirst = 2 (first - target) / (B C) */
+    loss = codir_mse(&ctx, first, target);
+    CHECK(loss && codir_backward(&ctx, loss) == CODIR_OK, "backward failed: %s", codir_last_error());
+    CHECK(qkv->grad != NULL, "qkv has no gradient");
+    if (!loss || !qkv->grad) goto done;
+    ref_attention(ref_out, NULL, qkv_d, mask_data, B, T, C, NH);
+    for (b = 0; b < B; b++)
+        for (c = 0; c < C; c++)
+            dy[(size_t)b * T * C + c] = 2.0 * (ref_out[(size_t)b * T * C + c] - target[b * C + c]) / (B * C);
+    ref_attention_backward(want, dy, qkv_d, mask_data, B, T, C, NH);
+    check_close("gradient through attention_first", qkv->grad, want, qkv->numel, 1e-6, 1e-5);
+
+    /* No token: an error that names the reason. */
+    shape[1] = 0;
+    qkv = codir_tensor_new(&ctx, 3, shape, 1);
+    set_itensor(&mask, mask_data, 2, B, 0);
+    first = codir_attention_first(&ctx, qkv, &mask, NH);
+    CHECK(first == NULL, "attention_first accepted T = 0");
+    CHECK(ctx.status == CODIR_ERR_INVALID, "ctx->status = %d, want CODIR_ERR_INVALID", ctx.status);
+    check_error_names("attention_first with no token", "T = 0");
+done:
+    codir_ctx_free(&ctx);
+    free_buffers();
+}
+
 /* ---- dropout in a context ---- */
 
 static codir_tensor *dropout_run(codir_ctx *ctx, int training, uint64_t step, const float *x, codir_tensor **input)
@@ -2946,6 +2999,7 @@ const test_case tests_kernels[] = {
     {"kernel attention fully masked row", test_attention_fully_masked},
     {"kernel attention large shapes and threads", test_attention_large},
     {"kernel attention first query", test_attention_first},
+    {"autograd attention first query", test_autograd_attention_first},
     {"kernel attention NaN in padded keys", test_attention_padded_nan},
     {"kernel attention empty and NaN rows", test_attention_softmax_edges},
     {"kernel attention empty shapes", test_attention_empty},
