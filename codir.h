@@ -259,8 +259,10 @@ CODIR_DEF void codir_softmax_backward(float *dinp, const float *out, const float
    channels h*HS .. h*HS+HS-1 of each. mask[B,T] is 1 for tokens and 0 for padding;
    padded keys get probability 0, and a query whose keys are all padding gets an
    all-zero probability row and output instead of NaN. att[B,NH,T,T] receives the
-   probabilities, which the backward pass reads; it may be NULL when no backward pass
-   follows. out[B,T,C].
+   probabilities, which the backward pass reads; it may be NULL, and the backward pass
+   given NULL recomputes them, to the same bits. The autograd op does that: storing
+   them took 10 to 16% of a training step's activations at T = 128 in
+   examples/bench_step.c. out[B,T,C].
    The backward pass takes the same mask. Keys and values of padded tokens never reach
    the other tokens' results, even when they hold NaN or Inf.
    The (sequence, head) pairs run in parallel on up to `threads` OpenMP threads, each
@@ -2627,13 +2629,14 @@ static size_t codir__attention_pack_floats(int T, int HS)
 }
 
 /* Per thread: the packing buffer, one T x T block of scores, the keys and values of
-   one head (T x HS each) with the rows of padded tokens zeroed, and one T x HS block
-   for a transposed product. */
+   one head (T x HS each) with the rows of padded tokens zeroed, one T x HS block for
+   a transposed product, and a second T x T block for the probabilities that the
+   backward pass recomputes. */
 CODIR_DEF size_t codir_attention_scratch(int T, int C, int NH)
 {
     int HS = NH > 0 ? C / NH : 0;
     if (T <= 0 || HS <= 0) return 0;
-    return codir__attention_pack_floats(T, HS) + (size_t)T * T + 3 * (size_t)T * HS;
+    return codir__attention_pack_floats(T, HS) + 2 * (size_t)T * T + 3 * (size_t)T * HS;
 }
 
 #ifdef CODIR__SIMD_AVX512
@@ -2799,14 +2802,20 @@ CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const fl
         int b = bh / NH, h = bh % NH, t, ldk, ldv;
         float *mine = codir__thread_scratch(scratch, per_thread);
         float *ds = mine + pack, *kbuf = ds + (size_t)T * T, *vbuf = kbuf + (size_t)T * HS, *tmp = vbuf + (size_t)T * HS;
+        float *pbuf = tmp + (size_t)T * HS;
         const int *keep = mask + (size_t)b * T;
         const float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
         const float *k = codir__attention_kept_rows(q + C, C, keep, T, HS, kbuf, &ldk);
         const float *v = codir__attention_kept_rows(q + 2 * C, C, keep, T, HS, vbuf, &ldv);
-        const float *p = att + ((size_t)b * NH + h) * T * T;
+        const float *p = att ? att + ((size_t)b * NH + h) * T * T : pbuf;
         const float *dy = dout + (size_t)b * T * C + (size_t)h * HS;
         float *dq = dqkv + (size_t)b * T * 3 * C + (size_t)h * HS;
 
+        if (!att) {
+            /* the forward pass's scores and softmax, the same calls */
+            codir__gemm_serial(0, 1, T, T, HS, scale, q, 3 * C, q + C, 3 * C, 0.0f, pbuf, T, mine);
+            codir__attention_softmax(pbuf, keep, T);
+        }
         codir__gemm_serial(0, 1, T, T, HS, 1.0f, dy, C, v, ldv, 0.0f, ds, T, mine);
         codir__attention_mix(1, 0, T, HS, T, p, T, dy, C, 1, dq + 2 * C, 3 * C, tmp, mine);
         for (t = 0; t < T; t++) codir__softmax_grad_row(p + (size_t)t * T, ds + (size_t)t * T, T, scale);
@@ -4895,9 +4904,12 @@ static codir_tensor *codir__attention_op(codir_ctx *ctx, codir_tensor *qkv, cons
     shape[2] = C;
     out = codir_tensor_new(ctx, first ? 2 : 3, shape, 0);
     if (!out) return NULL;
-    /* Without a backward pass each thread keeps one head's scores in its scratch. */
+    /* Each thread keeps one head's scores in its scratch. Only the first query's
+       probabilities are kept for the backward pass; the full T x T ones are recomputed
+       there, which costs up to 4% of a training step in examples/bench_step.c (L3-H192
+       at T = 128) and saves 10 to 16% of its activation memory. */
     att = NULL;
-    if (rg && !(att = codir__scratch(ctx, att_n))) return NULL;
+    if (rg && first && !(att = codir__scratch(ctx, att_n))) return NULL;
     /* The threads' scratch lives only for the kernel: the arena takes it back after. */
     threads = codir__attention_threads(INT_MAX, B * num_heads);
     mark = codir_arena_mark(&ctx->arena);
