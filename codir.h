@@ -259,9 +259,9 @@ CODIR_DEF void codir_softmax_backward(float *dinp, const float *out, const float
    channels h*HS .. h*HS+HS-1 of each. mask[B,T] is 1 for tokens and 0 for padding;
    padded keys get probability 0, and a query whose keys are all padding gets an
    all-zero probability row and output instead of NaN. att[B,NH,T,T] receives the
-   probabilities, which the backward pass reads; it may be NULL, and the backward pass
-   given NULL recomputes them, to the same bits. The autograd op does that: storing
-   them took 10 to 16% of a training step's activations at T = 128 in
+   probabilities, which the backward pass reads. It may be NULL, and then the backward
+   pass recomputes them, to the same bits. The autograd op works that way, because
+   storing them took 10 to 16% of a training step's activations at T = 128 in
    examples/bench_step.c. out[B,T,C].
    The backward pass takes the same mask. Keys and values of padded tokens never reach
    the other tokens' results, even when they hold NaN or Inf.
@@ -274,10 +274,11 @@ CODIR_DEF void codir_attention_forward(float *out, float *att, const float *qkv,
 CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
                                         const int *mask, int B, int T, int C, int NH, float *scratch, int threads);
 /* The same attention for the first query of each sequence only, which is all that a
-   classifier on the first token reads from the last block: out[B,C], att[B,NH,T] (or
-   NULL without a backward pass), the same mask rules and the same scratch. out equals
-   the first token's row of codir_attention_forward bit for bit. The backward pass adds
-   to the query of token 0 and to the keys and values of every kept token. */
+   classifier on the first token reads from the last block. out[B,C] and att[B,NH,T]
+   (NULL when no backward pass follows) take the place of the full kernel's, with the
+   same mask rules and the same scratch. out equals the first token's row of
+   codir_attention_forward bit for bit. The backward pass adds to the query of token 0
+   and to the keys and values of every kept token. */
 CODIR_DEF void codir_attention_first_forward(float *out, float *att, const float *qkv, const int *mask, int B, int T,
                                              int C, int NH, float *scratch, int threads);
 CODIR_DEF void codir_attention_first_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
@@ -667,7 +668,7 @@ CODIR_DEF int codir_model_forward(codir_ctx *ctx, const codir_model *model, cons
 /* The same forward pass for when only the logits are needed (fine-tuning, prediction):
    the classifier reads the first token, so the last block's QKV product runs on every
    token (the keys and values need them all), and its attention and everything after
-   it for that token alone; out->hidden[num_layers] is [B, 1, C]. The logits equal
+   it for that token alone. out->hidden[num_layers] is [B, 1, C]. The logits equal
    codir_model_forward's up to rounding (bit for bit in practice), and the last
    block costs about a quarter. With dropout the last block draws other masks, from
    the same distribution. */
@@ -2812,7 +2813,7 @@ CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const fl
         float *dq = dqkv + (size_t)b * T * 3 * C + (size_t)h * HS;
 
         if (!att) {
-            /* the forward pass's scores and softmax, the same calls */
+            /* the forward pass's calls, so the probabilities have the same bits */
             codir__gemm_serial(0, 1, T, T, HS, scale, q, 3 * C, q + C, 3 * C, 0.0f, pbuf, T, mine);
             codir__attention_softmax(pbuf, keep, T);
         }
@@ -4905,9 +4906,9 @@ static codir_tensor *codir__attention_op(codir_ctx *ctx, codir_tensor *qkv, cons
     out = codir_tensor_new(ctx, first ? 2 : 3, shape, 0);
     if (!out) return NULL;
     /* Each thread keeps one head's scores in its scratch. Only the first query's
-       probabilities are kept for the backward pass; the full T x T ones are recomputed
-       there, which costs up to 4% of a training step in examples/bench_step.c (L3-H192
-       at T = 128) and saves 10 to 16% of its activation memory. */
+       probabilities are kept for the backward pass. The backward pass recomputes the
+       full T x T ones, which costs up to 4% of a training step in examples/bench_step.c
+       (L3-H192 at T = 128) and saves 10 to 16% of its activation memory. */
     att = NULL;
     if (rg && first && !(att = codir__scratch(ctx, att_n))) return NULL;
     /* The threads' scratch lives only for the kernel: the arena takes it back after. */

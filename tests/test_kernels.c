@@ -1140,8 +1140,8 @@ static void test_attention_large(void)
 
 /* codir_attention_first_forward and _backward against the full kernel and against
    the float64 references. The first query's output and probabilities must have the
-   bits of row 0 of the full kernel; the gradient is that of the full attention with
-   dL/dout zero on every token but the first. The shapes take both orientations of
+   bits of row 0 of the full kernel. The gradient must be that of the full attention
+   with dL/dout zero on every token but the first. The shapes take both orientations of
    the value product (head sizes 64 and 32, 48, 20 and odd ones), T above the 256-deep
    block of k, padded keys, and 1 against 2 threads. Padded keys hold NaN and Inf in
    a second run, which must change no bit; sequence 1 of the last shape has no key. */
@@ -2702,8 +2702,8 @@ static void test_autograd_backward_pool(void)
     }
     /* Per token, a recorded block keeps qkv (3C), the attention output (C), two
        residual sums (2C, each written over its linear output), two LayerNorm outputs
-       (2C) and the FFN's inner values (F), but not the attention probabilities (NH*T),
-       which the backward pass recomputes. The embeddings keep 3C. The rest (LayerNorm
+       (2C) and the FFN's inner values (F). It does not keep the attention
+       probabilities (NH*T), because the backward pass recomputes them. The embeddings keep 3C. The rest (LayerNorm
        statistics, the classifier) stays under a tenth here, and keeping the
        probabilities would add a fifth. Gradient buffers made in the forward pass would
        double the total. */
@@ -2857,7 +2857,7 @@ static void test_autograd_bad_heads(void)
 
 /* The op codir_attention_first: a [B, C] output with the bits of codir_select_first
    of codir_attention, and the gradient of a squared error through it against the
-   float64 reference. With T = 0 there is no first query, and the op says so. */
+   float64 reference. With T = 0 there is no first query, and the op reports an error. */
 static void test_autograd_attention_first(void)
 {
     enum { B = 3, T = 7, C = 12, NH = 3 };
@@ -2877,17 +2877,22 @@ static void test_autograd_attention_first(void)
     memcpy(qkv->data, values, qkv->numel * sizeof(float));
     full = codir_select_first(&ctx, codir_attention(&ctx, qkv, &mask, NH));
     first = codir_attention_first(&ctx, qkv, &mask, NH);
-    CHECK(full && first, "attention failed: %s", codir_last_error());
+    CHECK(full != NULL, "attention failed: %s", codir_last_error());
+    CHECK(first != NULL, "attention_first failed: %s", codir_last_error());
     if (!full || !first) goto done;
-    CHECK(first->ndim == 2 && first->shape[0] == B && first->shape[1] == C, "output is not [%d, %d]", B, C);
+    CHECK(first->ndim == 2, "output has %d dimensions, not 2", first->ndim);
+    CHECK(first->shape[0] == B, "output has %d rows, not %d", first->shape[0], B);
+    CHECK(first->shape[1] == C, "output has %d columns, not %d", first->shape[1], C);
     for (c = 0; c < B * C; c++) bad += memcmp(&first->data[c], &full->data[c], sizeof(float)) != 0;
     CHECK(bad == 0, "%d of %d outputs differ from the first token of codir_attention", bad, B * C);
 
     /* loss = mean (first - target)^2, so dL/dfirst = 2 (first - target) / (B C) */
     loss = codir_mse(&ctx, first, target);
-    CHECK(loss && codir_backward(&ctx, loss) == CODIR_OK, "backward failed: %s", codir_last_error());
+    CHECK(loss != NULL, "mse failed: %s", codir_last_error());
+    if (!loss) goto done;
+    CHECK(codir_backward(&ctx, loss) == CODIR_OK, "backward failed: %s", codir_last_error());
     CHECK(qkv->grad != NULL, "qkv has no gradient");
-    if (!loss || !qkv->grad) goto done;
+    if (!qkv->grad) goto done;
     ref_attention(ref_out, NULL, qkv_d, mask_data, B, T, C, NH);
     for (b = 0; b < B; b++)
         for (c = 0; c < C; c++)
