@@ -261,7 +261,7 @@ CODIR_DEF void codir_softmax_backward(float *dinp, const float *out, const float
    all-zero probability row and output instead of NaN. att[B,NH,T,T] receives the
    probabilities, which the backward pass reads. It may be NULL, and then the backward
    pass recomputes them, to the same bits. The autograd op works that way, because
-   storing them took 10 to 16% of a training step's activations at T = 128 in
+   storing them took 10 to 16% of the arena peak of a step at T = 128 in
    examples/bench_step.c. out[B,T,C].
    The backward pass takes the same mask. Keys and values of padded tokens never reach
    the other tokens' results, even when they hold NaN or Inf.
@@ -2636,8 +2636,13 @@ static size_t codir__attention_pack_floats(int T, int HS)
 CODIR_DEF size_t codir_attention_scratch(int T, int C, int NH)
 {
     int HS = NH > 0 ? C / NH : 0;
+    size_t squares, rows, total;
     if (T <= 0 || HS <= 0) return 0;
-    return codir__attention_pack_floats(T, HS) + 2 * (size_t)T * T + 3 * (size_t)T * HS;
+    /* SIZE_MAX on overflow (possible with a 32-bit size_t), which no allocation passes */
+    if (!codir__size_mul((size_t)T, 2 * (size_t)T, &squares) || !codir__size_mul((size_t)T, 3 * (size_t)HS, &rows) ||
+        !codir__size_add(squares, rows, &total) || !codir__size_add(total, codir__attention_pack_floats(T, HS), &total))
+        return SIZE_MAX;
+    return total;
 }
 
 #ifdef CODIR__SIMD_AVX512
@@ -4907,8 +4912,8 @@ static codir_tensor *codir__attention_op(codir_ctx *ctx, codir_tensor *qkv, cons
     if (!out) return NULL;
     /* Each thread keeps one head's scores in its scratch. Only the first query's
        probabilities are kept for the backward pass. The backward pass recomputes the
-       full T x T ones, which costs up to 4% of a training step in examples/bench_step.c
-       (L3-H192 at T = 128) and saves 10 to 16% of its activation memory. */
+       full T x T ones: in examples/bench_step.c at T = 128 that added 3 to 5% to the
+       L3-H192 training step and took 10 to 16% off the arena peaks. */
     att = NULL;
     if (rg && first && !(att = codir__scratch(ctx, att_n))) return NULL;
     /* The threads' scratch lives only for the kernel: the arena takes it back after. */

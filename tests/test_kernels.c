@@ -946,7 +946,7 @@ static void test_attention_fully_masked(void)
     unsigned long long rng = 114;
     float *qkv = random_floats(B * T * 3 * C, &rng, -1, 1);
     float *out = random_floats(B * T * C, &rng, -1, 1), *att = random_floats(B * NH * T * T, &rng, -1, 1);
-    float *dy = random_floats(B * T * C, &rng, -1, 1), *dqkv = new_floats(B * T * 3 * C);
+    float *dy = random_floats(B * T * C, &rng, -1, 1), *dqkv = new_floats(B * T * 3 * C), *dqkv_null;
     float *scratch = attention_scratch(T, C, NH, 2);
     int i, c;
     codir_attention_forward(out, att, qkv, mask, B, T, C, NH, scratch, 2);
@@ -962,6 +962,10 @@ static void test_attention_fully_masked(void)
 
     codir_attention_backward(dqkv, dy, qkv, att, mask, B, T, C, NH, scratch, 2);
     CHECK(all_finite(dqkv, B * T * 3 * C), "attention gradient has NaN or Inf");
+    dqkv_null = new_floats(B * T * 3 * C);
+    codir_attention_backward(dqkv_null, dy, qkv, NULL, mask, B, T, C, NH, scratch, 2);
+    CHECK(count_different(dqkv, dqkv_null, B * T * 3 * C) == 0, "%zu recomputed gradients differ",
+          count_different(dqkv, dqkv_null, B * T * 3 * C));
     for (i = T * 3 * C; i < B * T * 3 * C; i++)
         CHECK(dqkv[i] == 0.0f, "dqkv[%d] of the fully masked sequence = %g, want 0", i, (double)dqkv[i]);
 
@@ -1001,6 +1005,12 @@ static void test_attention_padded_nan(void)
         CHECK(count_different(att, att_p, n * NH * T) == 0, "T=%d: %zu probabilities changed", T,
               count_different(att, att_p, n * NH * T));
         CHECK(count_different(dqkv, dqkv_p, n * 3 * C) == 0, "T=%d: %zu gradients changed", T,
+              count_different(dqkv, dqkv_p, n * 3 * C));
+
+        /* The same when the backward pass recomputes the probabilities, on 1 thread. */
+        memset(dqkv_p, 0, n * 3 * C * sizeof(float));
+        codir_attention_backward(dqkv_p, dy, poisoned, NULL, mask, B, T, C, NH, scratch, 1);
+        CHECK(count_different(dqkv, dqkv_p, n * 3 * C) == 0, "T=%d: %zu recomputed gradients changed", T,
               count_different(dqkv, dqkv_p, n * 3 * C));
     }
     free_buffers();
