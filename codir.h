@@ -2753,15 +2753,22 @@ static float *codir__thread_scratch(float *scratch, size_t per_thread)
 #endif
 }
 
-/* Softmax over the T scores in each row of s[T, T], in place, skipping padded keys. */
-static void codir__attention_softmax(float *s, const int *keep, int T)
+/* Sets p[rows, T] to the probabilities of the first `rows` queries of one (sequence,
+   head) pair, q pointing at its query in qkv. The backward pass calls it again to
+   recompute them, so both passes get the same bits. */
+static void codir__attention_probs(const float *q, int C, int HS, const int *keep, int T, int rows, float scale,
+                                   float *p, float *pack)
 {
     int t;
-    for (t = 0; t < T; t++) codir__softmax_row(s + (size_t)t * T, keep, T);
+    /* Scores of padded keys are computed but never read: the softmax skips them. */
+    codir__gemm_serial(0, 1, rows, T, HS, scale, q, 3 * C, q + C, 3 * C, 0.0f, p, T, pack);
+    for (t = 0; t < rows; t++) codir__softmax_row(p + (size_t)t * T, keep, T);
 }
 
-CODIR_DEF void codir_attention_forward(float *out, float *att, const float *qkv, const int *mask, int B, int T,
-                                       int C, int NH, float *scratch, int threads)
+/* Shared body of codir_attention_forward (queries = T) and
+   codir_attention_first_forward (queries = 1): out[B, queries, C], att[B, NH, queries, T]. */
+static void codir__attention_forward(float *out, float *att, const float *qkv, const int *mask, int B, int T, int C,
+                                     int NH, float *scratch, int threads, int queries)
 {
     int HS = NH > 0 ? C / NH : 0, bh;
     float scale;
@@ -2781,12 +2788,17 @@ CODIR_DEF void codir_attention_forward(float *out, float *att, const float *qkv,
         const int *keep = mask + (size_t)b * T;
         const float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
         const float *v = codir__attention_kept_rows(q + 2 * C, C, keep, T, HS, vbuf, &ldv);
-        float *p = att ? att + ((size_t)b * NH + h) * T * T : scores;
-        /* Scores of padded keys are computed but never read: the softmax skips them. */
-        codir__gemm_serial(0, 1, T, T, HS, scale, q, 3 * C, q + C, 3 * C, 0.0f, p, T, mine);
-        codir__attention_softmax(p, keep, T);
-        codir__attention_mix(0, 0, T, HS, T, p, T, v, ldv, 0, out + (size_t)b * T * C + (size_t)h * HS, C, tmp, mine);
+        float *p = att ? att + ((size_t)b * NH + h) * queries * T : scores;
+        float *o = out + (size_t)b * queries * C + (size_t)h * HS;
+        codir__attention_probs(q, C, HS, keep, T, queries, scale, p, mine);
+        codir__attention_mix(0, 0, queries, HS, T, p, T, v, ldv, 0, o, C, tmp, mine);
     }
+}
+
+CODIR_DEF void codir_attention_forward(float *out, float *att, const float *qkv, const int *mask, int B, int T,
+                                       int C, int NH, float *scratch, int threads)
+{
+    codir__attention_forward(out, att, qkv, mask, B, T, C, NH, scratch, threads, T);
 }
 
 CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
@@ -2817,11 +2829,7 @@ CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const fl
         const float *dy = dout + (size_t)b * T * C + (size_t)h * HS;
         float *dq = dqkv + (size_t)b * T * 3 * C + (size_t)h * HS;
 
-        if (!att) {
-            /* the forward pass's calls, so the probabilities have the same bits */
-            codir__gemm_serial(0, 1, T, T, HS, scale, q, 3 * C, q + C, 3 * C, 0.0f, pbuf, T, mine);
-            codir__attention_softmax(pbuf, keep, T);
-        }
+        if (!att) codir__attention_probs(q, C, HS, keep, T, T, scale, pbuf, mine);
         codir__gemm_serial(0, 1, T, T, HS, 1.0f, dy, C, v, ldv, 0.0f, ds, T, mine);
         codir__attention_mix(1, 0, T, HS, T, p, T, dy, C, 1, dq + 2 * C, 3 * C, tmp, mine);
         for (t = 0; t < T; t++) codir__softmax_grad_row(p + (size_t)t * T, ds + (size_t)t * T, T, scale);
@@ -2836,29 +2844,7 @@ CODIR_DEF void codir_attention_backward(float *dqkv, const float *dout, const fl
 CODIR_DEF void codir_attention_first_forward(float *out, float *att, const float *qkv, const int *mask, int B, int T,
                                              int C, int NH, float *scratch, int threads)
 {
-    int HS = NH > 0 ? C / NH : 0, bh;
-    float scale;
-    size_t per_thread = codir_attention_scratch(T, C, NH), pack;
-    if (B <= 0 || per_thread == 0) return;
-    scale = 1.0f / sqrtf((float)HS);
-    pack = codir__attention_pack_floats(T, HS);
-    threads = codir__attention_threads(threads, B * NH);
-    (void)threads;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-#endif
-    for (bh = 0; bh < B * NH; bh++) {
-        int b = bh / NH, h = bh % NH, ldv;
-        float *mine = codir__thread_scratch(scratch, per_thread);
-        float *scores = mine + pack, *vbuf = scores + (size_t)T * T + (size_t)T * HS, *tmp = vbuf + (size_t)T * HS;
-        const int *keep = mask + (size_t)b * T;
-        const float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
-        const float *v = codir__attention_kept_rows(q + 2 * C, C, keep, T, HS, vbuf, &ldv);
-        float *p = att ? att + ((size_t)b * NH + h) * T : scores;
-        codir__gemm_serial(0, 1, 1, T, HS, scale, q, 3 * C, q + C, 3 * C, 0.0f, p, T, mine);
-        codir__softmax_row(p, keep, T);
-        codir__attention_mix(0, 0, 1, HS, T, p, T, v, ldv, 0, out + (size_t)b * C + (size_t)h * HS, C, tmp, mine);
-    }
+    codir__attention_forward(out, att, qkv, mask, B, T, C, NH, scratch, threads, 1);
 }
 
 /* With one query the backward products are outer products and dot products of
@@ -2899,17 +2885,14 @@ CODIR_DEF void codir_attention_first_backward(float *dqkv, const float *dout, co
 
         /* dv_j += P_j dO, dk_j += dS_j q_0, dq_0 += sum_j dS_j k_j */
         for (j = 0; j < T; j++) {
+            const float *k = q + (size_t)j * 3 * C + C;
             float *dk = dq + (size_t)j * 3 * C + C, *dv = dk + C;
             if (!keep[j]) continue;
             for (d = 0; d < HS; d++) {
                 dv[d] += p[j] * dy[d];
                 dk[d] += ds[j] * q[d];
+                dq[d] += ds[j] * k[d];
             }
-        }
-        for (j = 0; j < T; j++) {
-            const float *k = q + (size_t)j * 3 * C + C;
-            if (!keep[j]) continue;
-            for (d = 0; d < HS; d++) dq[d] += ds[j] * k[d];
         }
     }
 }
@@ -3994,12 +3977,13 @@ static void codir__gemm_pack_a_rows(const float *src, size_t lda, int rows, int 
    kernel: column p of A~ holds the 6 values A[0..5][p] side by side. Blocks of 16
    columns move in registers, where the scalar gather above moved one float per load
    and store and took 5% of the L3-H192 training step at T = 128 (perf, as for the
-   attention add-back). Step 1 interleaves rows 2q and
-   2q+1 into two pair vectors per q: index 2c + s of half h holds row 2q + s of column
-   8h + c. Step 2 fills the six output vectors. Value e of output v is row r = f % 6 of
-   column c = f / 6, f = 16v + e; it sits in pair vector r / 2 of half v / 3, at index
+   attention add-back).
+   Step 1 interleaves rows 2q and 2q+1 into two pair vectors per q: index 2c + s of
+   half h holds row 2q + s of column 8h + c.
+   Step 2 fills the six output vectors. Value e of output v is row r = f % 6 of column
+   c = f / 6, where f = 16v + e. It sits in pair vector r / 2 of half v / 3, at index
    2 (c % 8) + r % 2. One two-source permute takes the values of rows 0 to 3 (indices
-   16 and up pick pair 1) and a masked permute adds rows 4 and 5. The pattern repeats
+   16 and up pick pair 1), and a masked permute adds rows 4 and 5. The pattern repeats
    every three outputs. */
 static const int codir__pack_a6_rows03[3][16] = {{0, 1, 16, 17, 0, 0, 2, 3, 18, 19, 0, 0, 4, 5, 20, 21},
                                                  {0, 0, 6, 7, 22, 23, 0, 0, 8, 9, 24, 25, 0, 0, 10, 11},
@@ -8330,8 +8314,9 @@ CODIR_DEF int codir_sample_negatives(codir_distiller *d, int anchor, int *out, i
 
 /* Whether the contrastive features read the last layer of the teacher (teacher_side 1)
    or of the student (0) at every token. If not, codir_model_logits is enough: its last
-   block runs for the first token only after the QKV product. For the teacher, which has no
-   dropout, that gives the full pass's logits and features (bit for bit in the tests).
+   block runs for the first token only after the QKV product. For the teacher, which
+   has no dropout, that gives the full pass's logits and features (bit for bit in the
+   tests).
    The student's last block draws other dropout masks, as codir_model_logits says.
    First-token pooling reads token 0 alone. Mean pooling reads every token of every
    student layer, but of the teacher only its mapped layers, and the default map leaves
@@ -8344,6 +8329,15 @@ static int codir__features_read_last_layer(const codir_distiller *d, int teacher
     for (k = 0; k < d->student_layers; k++)
         if (d->layer_map[k] == d->teacher_layers) return 1;
     return 0;
+}
+
+/* Runs codir_model_forward when the contrastive features are needed (`features` 1)
+   and read the model's last layer at every token, else codir_model_logits. */
+static int codir__distill_forward(codir_ctx *ctx, const codir_model *model, const codir_batch *batch,
+                                  codir_output *out, const codir_distiller *d, int teacher_side, int features)
+{
+    if (features && codir__features_read_last_layer(d, teacher_side)) return codir_model_forward(ctx, model, batch, out);
+    return codir_model_logits(ctx, model, batch, out);
 }
 
 /* Pools each mapped teacher layer (mean over non-padding tokens, or the first token)
@@ -11275,8 +11269,7 @@ static int codir__distill_backward(codir_ctx *ctx, codir_model *student, const c
         if (weights[2] != 0.0f) t_features = codir_tensor_new(ctx, 2, shape, 0);
         if (!t_logits || (weights[2] != 0.0f && !t_features)) return ctx->status ? ctx->status : CODIR_ERR_NOMEM;
         mark = codir_arena_mark(&ctx->arena);
-        rc = weights[2] != 0.0f && codir__features_read_last_layer(d, 1) ? codir_model_forward(ctx, teacher, batch, &t_out)
-                                                                         : codir_model_logits(ctx, teacher, batch, &t_out);
+        rc = codir__distill_forward(ctx, teacher, batch, &t_out, d, 1, weights[2] != 0.0f);
         if (rc) return rc;
         memcpy(t_logits->data, t_out.logits->data, t_logits->numel * sizeof(float));
         if (weights[2] != 0.0f) {
@@ -11294,8 +11287,7 @@ static int codir__distill_backward(codir_ctx *ctx, codir_model *student, const c
     /* 2. The student with dropout, recorded for backward. */
     ctx->recording = 1;
     ctx->training = 1;
-    rc = weights[2] != 0.0f && codir__features_read_last_layer(d, 0) ? codir_model_forward(ctx, student, batch, &s_out)
-                                                                     : codir_model_logits(ctx, student, batch, &s_out);
+    rc = codir__distill_forward(ctx, student, batch, &s_out, d, 0, weights[2] != 0.0f);
     if (rc) return rc;
 
     /* 3. L = (1 - beta) L_task + beta L_kd + lambda L_crd, each a batch mean. L_kd is
@@ -11474,8 +11466,7 @@ CODIR_DEF codir_teacher_cache *codir_teacher_cache_build(codir_ctx *ctx, const c
         rc = codir_batch_fill(&batch, enc, order, start, n);
         if (rc) break;
         codir_ctx_begin(ctx, 0, 0, 0);
-        rc = c->feature_dim && codir__features_read_last_layer(d, 1) ? codir_model_forward(ctx, teacher, &batch, &out)
-                                                                    : codir_model_logits(ctx, teacher, &batch, &out);
+        rc = codir__distill_forward(ctx, teacher, &batch, &out, d, 1, c->feature_dim != 0);
         if (!rc && c->feature_dim) {
             ft = codir__teacher_features(ctx, d, &out, &batch);
             if (!ft) rc = ctx->status ? ctx->status : CODIR_ERR_INVALID;

@@ -84,7 +84,7 @@ static size_t count_different(const float *a, const float *b, size_t n)
     return d;
 }
 
-/* Returns the float64 values of x[n]; the test's float64 references read these. */
+/* Returns the float64 values of x[n], which the test's float64 references read. */
 static double *widen(const float *x, size_t n)
 {
     double *y = new_doubles(n);
@@ -1148,13 +1148,13 @@ static void test_attention_large(void)
     free_buffers();
 }
 
-/* codir_attention_first_forward and _backward against the full kernel and against
-   the float64 references. The first query's output and probabilities must have the
-   bits of row 0 of the full kernel. The gradient must be that of the full attention
-   with dL/dout zero on every token but the first. The shapes take both orientations of
-   the value product (head sizes 64 and 32, 48, 20 and odd ones), T above the 256-deep
-   block of k, padded keys, and 1 against 2 threads. Padded keys hold NaN and Inf in
-   a second run, which must change no bit; sequence 1 of the last shape has no key. */
+/* Checks codir_attention_first_forward and _backward against the full kernel and the
+   float64 references. The output and probabilities must have the bits of the full
+   kernel's row 0, and the gradient must be the full attention's with dL/dout zero
+   on every token but the first. The shapes cover both orientations of the value
+   product (head sizes 64, 32, 48, 20 and odd ones), T above the 256-deep block of k,
+   padded keys, and 1 against 2 threads. NaN and Inf in padded keys must change no
+   bit, and sequence 1 of the last shape has no key. */
 static void test_attention_first(void)
 {
     static const int shapes[][4] = {{1, 1, 4, 1}, {2, 3, 6, 2}, {3, 2, 3, 3}, {2, 64, 192, 6},
@@ -2865,9 +2865,9 @@ static void test_autograd_bad_heads(void)
     bad_input_teardown(&g, &ctx);
 }
 
-/* The op codir_attention_first: a [B, C] output with the bits of codir_select_first
-   of codir_attention, and the gradient of a squared error through it against the
-   float64 reference. With T = 0 there is no first query, and the op reports an error. */
+/* Checks that the op codir_attention_first returns [B, C] with the bits of
+   codir_select_first of codir_attention, and a squared-error gradient that matches
+   the float64 reference. With T = 0 there is no first query, so the op must fail. */
 static void test_autograd_attention_first(void)
 {
     enum { B = 3, T = 7, C = 12, NH = 3 };
